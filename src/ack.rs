@@ -1,0 +1,307 @@
+//! Acknowledgements: the sending builder, replies, handles and responders.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::marker::PhantomData;
+use std::os::fd::OwnedFd;
+use std::rc::Rc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::codec::{self, fail, Envelope, Kind};
+use crate::error::{AckError, Error, SendError};
+use crate::{Reactor, WorkerId};
+
+/// A reply as received: CBOR bytes, decoded on demand.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Reply(pub(crate) Vec<u8>);
+
+impl Reply {
+    /// Decodes the reply into any `Deserialize` type.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, Error> {
+        ciborium::from_reader(&self.0[..]).map_err(|e| Error::Decode(e.to_string()))
+    }
+}
+
+impl fmt::Debug for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Reply({} bytes)", self.0.len())
+    }
+}
+
+pub(crate) type Outcome = Result<Reply, AckError>;
+
+pub(crate) fn decode_outcome<R: DeserializeOwned>(o: Outcome) -> Result<R, AckError> {
+    o.and_then(|r| ciborium::from_reader(&r.0[..]).map_err(|e| AckError::BadReply(e.to_string())))
+}
+
+/// How the reactor delivers an outcome.
+pub(crate) enum Completion {
+    Callback(Box<dyn FnOnce(&mut Reactor, Outcome)>),
+    Handle(Rc<RefCell<Option<Outcome>>>),
+}
+
+/// The caller's side of an acknowledged message: check it after polling.
+///
+/// ```no_run
+/// # use clusterphone::Reactor;
+/// # fn demo(reactor: &mut Reactor, worker: clusterphone::WorkerId) -> Result<(), clusterphone::Error> {
+/// let handle = reactor.send_to(worker, "sum", &[1, 2, 3], None).handle::<i32>()?;
+/// while !handle.is_done() {
+///     reactor.poll(None)?;
+/// }
+/// assert_eq!(handle.take().unwrap()?, 6);
+/// # Ok(()) }
+/// ```
+#[must_use = "an ack handle does nothing unless checked"]
+pub struct AckHandle<R> {
+    slot: Rc<RefCell<Option<Outcome>>>,
+    _reply: PhantomData<fn() -> R>,
+}
+
+impl<R: DeserializeOwned> AckHandle<R> {
+    /// Whether the outcome is in.
+    pub fn is_done(&self) -> bool {
+        self.slot.borrow().is_some()
+    }
+
+    /// Takes the outcome if it is in (only once).
+    pub fn take(&self) -> Option<Result<R, AckError>> {
+        self.slot.borrow_mut().take().map(decode_outcome)
+    }
+
+    /// Drives `reactor.poll` until the outcome is in. The ack timeout bounds the wait.
+    pub fn wait(self, reactor: &mut Reactor) -> Result<R, Error> {
+        loop {
+            if let Some(o) = self.take() {
+                return o.map_err(Error::Ack);
+            }
+            reactor.poll(None)?;
+        }
+    }
+}
+
+/// Where a message goes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Target {
+    Worker(WorkerId),
+    Master,
+}
+
+/// Per-message options gathered by the builder.
+pub(crate) struct SendOptions {
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) force_queue: bool,
+}
+
+/// A message about to be sent. Nothing is encoded or queued until one of
+/// [`send`](Outgoing::send), [`ackd`](Outgoing::ackd),
+/// [`handle`](Outgoing::handle) or [`wait`](Outgoing::wait) is called.
+///
+/// ```no_run
+/// # use clusterphone::{Reactor, AckError};
+/// # use std::time::Duration;
+/// # fn demo(reactor: &mut Reactor, worker: clusterphone::WorkerId) -> Result<(), clusterphone::Error> {
+/// // Fire and forget: no ack frame ever comes back.
+/// reactor.send_to(worker, "log", &"hello", None).send()?;
+/// // Ask for an ack within 500 ms, answered from `poll`.
+/// reactor
+///     .send_to(worker, "hello", &(), None)
+///     .within(Duration::from_millis(500))
+///     .ackd(|_reactor, reply: Result<String, AckError>| println!("{reply:?}"))?;
+/// # Ok(()) }
+/// ```
+#[must_use = "a message is sent only by .send(), .ackd(), .handle() or .wait()"]
+pub struct Outgoing<'a, T: ?Sized> {
+    pub(crate) reactor: &'a mut Reactor,
+    pub(crate) target: Target,
+    pub(crate) ns: &'a str,
+    pub(crate) cmd: &'a str,
+    pub(crate) payload: &'a T,
+    pub(crate) fd: Option<OwnedFd>,
+    pub(crate) options: SendOptions,
+}
+
+impl<T: Serialize + ?Sized> Outgoing<'_, T> {
+    /// Sets this message's ack timeout (default: the reactor's, 10 s).
+    pub fn within(mut self, timeout: Duration) -> Self {
+        self.options.timeout = Some(timeout);
+        self
+    }
+
+    /// Queues an fd for a worker that has not said hello yet, instead of
+    /// refusing it. The fd is closed if the worker dies before it is sent.
+    pub fn force_queue(mut self) -> Self {
+        self.options.force_queue = true;
+        self
+    }
+
+    /// Sends without asking for an acknowledgement.
+    pub fn send(self) -> Result<(), SendError> {
+        let Outgoing { reactor, target, ns, cmd, payload, fd, options } = self;
+        reactor.submit(target, ns, cmd, payload, fd, options, None)
+    }
+
+    /// Sends and calls `f` from `poll` with the reply or the failure, exactly once.
+    pub fn ackd<R, F>(self, f: F) -> Result<(), SendError>
+    where
+        R: DeserializeOwned,
+        F: FnOnce(&mut Reactor, Result<R, AckError>) + 'static,
+    {
+        let Outgoing { reactor, target, ns, cmd, payload, fd, options } = self;
+        let done = Completion::Callback(Box::new(move |r, o| f(r, decode_outcome(o))));
+        reactor.submit(target, ns, cmd, payload, fd, options, Some(done))
+    }
+
+    /// Sends and returns a handle to check for the outcome later.
+    pub fn handle<R: DeserializeOwned>(self) -> Result<AckHandle<R>, SendError> {
+        let Outgoing { reactor, target, ns, cmd, payload, fd, options } = self;
+        let slot = Rc::new(RefCell::new(None));
+        reactor.submit(target, ns, cmd, payload, fd, options, Some(Completion::Handle(slot.clone())))?;
+        Ok(AckHandle { slot, _reply: PhantomData })
+    }
+
+    /// Sends and drives `poll` until the reply or the failure (blocking).
+    /// Not allowed inside a handler ([`Error::Reentrant`]).
+    pub fn wait<R: DeserializeOwned>(self) -> Result<R, Error> {
+        if self.reactor.in_callback() {
+            return Err(Error::Reentrant);
+        }
+        let Outgoing { reactor, target, ns, cmd, payload, fd, options } = self;
+        let slot = Rc::new(RefCell::new(None));
+        reactor.submit(target, ns, cmd, payload, fd, options, Some(Completion::Handle(slot.clone())))?;
+        AckHandle::<R> { slot, _reply: PhantomData }.wait(reactor)
+    }
+}
+
+/// Replies queued by responders, picked up by the reactor after each handler.
+#[derive(Default)]
+pub(crate) struct Outbox {
+    pub(crate) frames: Vec<(WorkerId, Vec<u8>)>,
+    pub(crate) max_frame: usize,
+}
+
+/// The receiving side's means to acknowledge one message: reply with a value
+/// or an error, now or from a later callback. It is consumed by replying, so
+/// a message is acknowledged at most once; dropping it unanswered sends
+/// [`AckError::Dropped`] at once, so the sender never waits out its timeout.
+///
+/// Replies are queued and written by the reactor after the running handler
+/// returns, or at the next `poll` when answered from elsewhere.
+pub struct Responder {
+    inner: Option<ResponderInner>,
+}
+
+struct ResponderInner {
+    link: WorkerId,
+    seq: u64,
+    outbox: Rc<RefCell<Outbox>>,
+}
+
+impl fmt::Debug for Responder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Responder").field("wanted", &self.wanted()).finish()
+    }
+}
+
+impl Responder {
+    pub(crate) fn none() -> Responder {
+        Responder { inner: None }
+    }
+
+    pub(crate) fn new(link: WorkerId, seq: u64, outbox: Rc<RefCell<Outbox>>) -> Responder {
+        Responder { inner: Some(ResponderInner { link, seq, outbox }) }
+    }
+
+    /// Whether the sender asked for an acknowledgement. If not, replying is a no-op.
+    pub fn wanted(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Acknowledges with a reply value. If the value cannot be encoded (or is
+    /// too large), the sender gets an error ack instead and this returns the error.
+    pub fn ok<T: Serialize + ?Sized>(mut self, reply: &T) -> Result<(), Error> {
+        let Some(inner) = self.inner.take() else { return Ok(()) };
+        let mut buf = Vec::new();
+        let env = Envelope { kind: Kind::Reply, flags: 0, nfds: 0, seq: inner.seq, ns: "", cmd: "" };
+        let max = inner.outbox.borrow().max_frame;
+        let result = codec::encode(&mut buf, env, reply).and_then(|()| {
+            if buf.len() > max {
+                Err(Error::FrameTooLarge { size: buf.len(), max })
+            } else {
+                Ok(())
+            }
+        });
+        match result {
+            Ok(()) => {
+                inner.outbox.borrow_mut().frames.push((inner.link, buf));
+                Ok(())
+            }
+            Err(e) => {
+                inner.send_fail(fail::REMOTE, &format!("reply not sent: {e}"));
+                Err(e)
+            }
+        }
+    }
+
+    /// Acknowledges with an error; the sender gets [`AckError::Remote`] with this text.
+    pub fn err(mut self, error: impl fmt::Display) {
+        if let Some(inner) = self.inner.take() {
+            inner.send_fail(fail::REMOTE, &error.to_string());
+        }
+    }
+
+    pub(crate) fn fail_code(mut self, code: u8, text: &str) {
+        if let Some(inner) = self.inner.take() {
+            inner.send_fail(code, text);
+        }
+    }
+}
+
+impl ResponderInner {
+    fn send_fail(&self, code: u8, text: &str) {
+        let mut buf = Vec::new();
+        let env = Envelope { kind: Kind::Fail, flags: 0, nfds: 0, seq: self.seq, ns: "", cmd: "" };
+        // Bound the text so the frame always fits.
+        let text = if text.len() > 4096 { &text[..text.floor_char_boundary_compat(4096)] } else { text };
+        if codec::encode(&mut buf, env, &(code, text)).is_ok() {
+            self.outbox.borrow_mut().frames.push((self.link, buf));
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.take() {
+            inner.send_fail(fail::DROPPED, "dropped without a reply");
+        }
+    }
+}
+
+trait FloorCharBoundary {
+    fn floor_char_boundary_compat(&self, at: usize) -> usize;
+}
+
+impl FloorCharBoundary for str {
+    fn floor_char_boundary_compat(&self, mut at: usize) -> usize {
+        while at > 0 && !self.is_char_boundary(at) {
+            at -= 1;
+        }
+        at
+    }
+}
+
+/// Decodes a `Fail` frame's payload into the sender's error.
+pub(crate) fn fail_to_error(payload: &[u8]) -> AckError {
+    match ciborium::from_reader::<(u8, String), _>(payload) {
+        Ok((fail::REMOTE, text)) => AckError::Remote(text),
+        Ok((fail::NO_HANDLER, _)) => AckError::NoHandler,
+        Ok((fail::UNKNOWN_NAMESPACE, _)) => AckError::UnknownNamespace,
+        Ok((fail::BAD_PAYLOAD, text)) => AckError::BadPayload(text),
+        Ok((fail::DROPPED, _)) => AckError::Dropped,
+        Ok((code, text)) => AckError::Remote(format!("unknown failure code {code}: {text}")),
+        Err(e) => AckError::Remote(format!("undecodable failure: {e}")),
+    }
+}

@@ -1,0 +1,390 @@
+//! The wire format, with no I/O: frame encoding and a sans-I/O decoder that
+//! takes bytes and fds in any chunking and yields whole frames.
+//!
+//! A frame is a 20-byte little-endian header followed by the namespace, the
+//! command and the CBOR payload:
+//!
+//! ```text
+//! 0..4   length of everything after this field (u32)
+//! 4      magic 0xC7
+//! 5      kind (hello, message, reply, fail, namespace, exit)
+//! 6      flags (bit 0: ack wanted)
+//! 7      number of fds that travel with this frame (0 or 1)
+//! 8..16  sequence number (u64)
+//! 16..18 namespace length (u16)
+//! 18..20 command length (u16)
+//! ```
+
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+
+use serde::Serialize;
+
+use crate::error::{Error, ProtocolError};
+
+/// Bytes in a frame header, length field included.
+pub const HEADER_LEN: usize = 20;
+/// Size of the length prefix.
+const LEN_FIELD: usize = 4;
+/// First byte after the length: catches garbage and desynchronised streams.
+pub const MAGIC: u8 = 0xC7;
+/// Frame flag: the sender wants an acknowledgement.
+pub const FLAG_ACK: u8 = 1;
+/// Protocol version carried in hello frames.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Bytes read from the socket at a time when no larger frame is pending.
+const READ_CHUNK: usize = 64 * 1024;
+/// An idle receive buffer larger than this is given back to the allocator.
+const SHRINK_ABOVE: usize = 1024 * 1024;
+
+/// What a frame is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Worker → master first, then master → worker: version and namespaces.
+    Hello = 1,
+    /// A user message.
+    Message = 2,
+    /// A successful acknowledgement, with the reply as payload.
+    Reply = 3,
+    /// A failed acknowledgement: (code, text).
+    Fail = 4,
+    /// Worker → master: a namespace created after hello.
+    Namespace = 5,
+    /// Master → worker: please exit.
+    Exit = 6,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Kind> {
+        Some(match b {
+            1 => Kind::Hello,
+            2 => Kind::Message,
+            3 => Kind::Reply,
+            4 => Kind::Fail,
+            5 => Kind::Namespace,
+            6 => Kind::Exit,
+            _ => return None,
+        })
+    }
+}
+
+/// Failure codes carried in `Fail` frames.
+pub mod fail {
+    /// The handler answered with an error.
+    pub const REMOTE: u8 = 1;
+    /// No handler for the command.
+    pub const NO_HANDLER: u8 = 2;
+    /// No handler in the namespace.
+    pub const UNKNOWN_NAMESPACE: u8 = 3;
+    /// The payload did not decode.
+    pub const BAD_PAYLOAD: u8 = 4;
+    /// The responder was dropped.
+    pub const DROPPED: u8 = 5;
+}
+
+/// The fixed fields of a frame to encode.
+#[derive(Debug, Clone, Copy)]
+pub struct Envelope<'a> {
+    /// Frame kind.
+    pub kind: Kind,
+    /// Flags (see `FLAG_ACK`).
+    pub flags: u8,
+    /// Number of fds sent with the frame.
+    pub nfds: u8,
+    /// Sequence number.
+    pub seq: u64,
+    /// Namespace.
+    pub ns: &'a str,
+    /// Command.
+    pub cmd: &'a str,
+}
+
+/// Appends a whole frame to `out`, its payload encoded as CBOR. On error,
+/// `out` is left as it was.
+pub fn encode<T: Serialize + ?Sized>(out: &mut Vec<u8>, env: Envelope<'_>, payload: &T) -> Result<(), Error> {
+    let start = out.len();
+    let r = encode_inner(out, env, |buf| ciborium::into_writer(payload, buf).map_err(|e| Error::Encode(e.to_string())));
+    if r.is_err() {
+        out.truncate(start);
+    }
+    r
+}
+
+/// Appends a frame whose payload is already CBOR.
+pub fn encode_raw(out: &mut Vec<u8>, env: Envelope<'_>, payload: &[u8]) -> Result<(), Error> {
+    encode_inner(out, env, |buf| {
+        buf.extend_from_slice(payload);
+        Ok(())
+    })
+}
+
+fn encode_inner(
+    out: &mut Vec<u8>,
+    env: Envelope<'_>,
+    body: impl FnOnce(&mut Vec<u8>) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let ns_len = u16::try_from(env.ns.len()).map_err(|_| Error::NameTooLong)?;
+    let cmd_len = u16::try_from(env.cmd.len()).map_err(|_| Error::NameTooLong)?;
+    let start = out.len();
+    out.extend_from_slice(&[0; LEN_FIELD]);
+    out.extend_from_slice(&[MAGIC, env.kind as u8, env.flags, env.nfds]);
+    out.extend_from_slice(&env.seq.to_le_bytes());
+    out.extend_from_slice(&ns_len.to_le_bytes());
+    out.extend_from_slice(&cmd_len.to_le_bytes());
+    out.extend_from_slice(env.ns.as_bytes());
+    out.extend_from_slice(env.cmd.as_bytes());
+    body(out)?;
+    let len = u32::try_from(out.len() - start - LEN_FIELD).map_err(|_| Error::FrameTooLarge {
+        size: out.len() - start,
+        max: u32::MAX as usize,
+    })?;
+    out[start..start + LEN_FIELD].copy_from_slice(&len.to_le_bytes());
+    Ok(())
+}
+
+/// A decoded frame, borrowing the decoder's buffer.
+#[derive(Debug)]
+pub struct Frame<'a> {
+    /// Frame kind.
+    pub kind: Kind,
+    /// Flags.
+    pub flags: u8,
+    /// Sequence number.
+    pub seq: u64,
+    /// Namespace.
+    pub ns: &'a str,
+    /// Command.
+    pub cmd: &'a str,
+    /// CBOR payload.
+    pub payload: &'a [u8],
+    /// The fd that came with this frame.
+    pub fd: Option<OwnedFd>,
+}
+
+impl Frame<'_> {
+    /// Whether the sender asked for an acknowledgement.
+    pub fn wants_ack(&self) -> bool {
+        self.flags & FLAG_ACK != 0
+    }
+}
+
+/// Sans-I/O frame decoder: feed it bytes (`read_buf` + `filled`, or `feed`)
+/// and fds (`push_fd`) as they arrive, then take frames with `next_frame`.
+///
+/// It never allocates beyond one frame of the configured maximum plus one
+/// read chunk, whatever the peer announces.
+#[derive(Debug)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    fds: VecDeque<OwnedFd>,
+    max_frame: usize,
+    max_fds: usize,
+}
+
+impl Decoder {
+    /// A decoder that refuses frames above `max_frame` bytes (header included)
+    /// and holds at most `max_fds` received fds not yet claimed by a frame.
+    pub fn new(max_frame: usize, max_fds: usize) -> Decoder {
+        Decoder { buf: Vec::new(), start: 0, end: 0, fds: VecDeque::new(), max_frame, max_fds }
+    }
+
+    /// Space to read into: at least one read chunk, or the rest of the frame
+    /// that is pending if that is larger (never more than the limit allows).
+    pub fn read_buf(&mut self) -> &mut [u8] {
+        let pending = self.buffered();
+        let mut want = READ_CHUNK;
+        if pending >= LEN_FIELD {
+            let len = self.frame_len_at(self.start);
+            if len <= self.max_frame {
+                want = want.max(len - pending);
+            }
+        }
+        if self.buf.len() - self.end < want {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end = pending;
+                self.start = 0;
+            }
+            if self.buf.len() - self.end < want {
+                self.buf.resize(self.end + want, 0);
+            }
+        }
+        &mut self.buf[self.end..]
+    }
+
+    /// Marks `n` bytes of `read_buf` as filled.
+    pub fn filled(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.buf.len());
+    }
+
+    /// Copies `bytes` in (for tests and fuzzing; sockets use `read_buf`).
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let spare = self.read_buf();
+            let n = spare.len().min(bytes.len());
+            spare[..n].copy_from_slice(&bytes[..n]);
+            self.filled(n);
+            bytes = &bytes[n..];
+        }
+    }
+
+    /// Adds an fd that arrived on the socket. Fails (dropping, and so closing,
+    /// the fd) when more fds are waiting than the limit allows.
+    pub fn push_fd(&mut self, fd: OwnedFd) -> Result<(), ProtocolError> {
+        if self.fds.len() >= self.max_fds {
+            return Err(ProtocolError::TooManyFdsInFlight);
+        }
+        self.fds.push_back(fd);
+        Ok(())
+    }
+
+    /// Received fds not yet claimed by a frame.
+    pub fn waiting_fds(&self) -> usize {
+        self.fds.len()
+    }
+
+    /// Bytes received but not yet taken as frames.
+    pub fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Whether the stream stopped in the middle of a frame.
+    pub fn is_mid_frame(&self) -> bool {
+        self.buffered() > 0
+    }
+
+    /// Drops every buffered byte and fd (the fds are closed).
+    pub fn clear(&mut self) {
+        self.fds.clear();
+        self.start = 0;
+        self.end = 0;
+        self.buf = Vec::new();
+    }
+
+    fn frame_len_at(&self, at: usize) -> usize {
+        let b = &self.buf[at..at + LEN_FIELD];
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize + LEN_FIELD
+    }
+
+    /// The next whole frame, `None` if more bytes are needed, or the first
+    /// protocol violation found. After an error the decoder must be dropped.
+    pub fn next_frame(&mut self) -> Result<Option<Frame<'_>>, ProtocolError> {
+        let avail = self.buffered();
+        if avail == 0 {
+            if self.start != 0 {
+                self.start = 0;
+                self.end = 0;
+                if self.buf.len() > SHRINK_ABOVE {
+                    self.buf = Vec::new();
+                }
+            }
+            return Ok(None);
+        }
+        if avail >= LEN_FIELD + 1 && self.buf[self.start + LEN_FIELD] != MAGIC {
+            return Err(ProtocolError::BadMagic(self.buf[self.start + LEN_FIELD]));
+        }
+        if avail < LEN_FIELD {
+            return Ok(None);
+        }
+        let total = self.frame_len_at(self.start);
+        if total > self.max_frame {
+            return Err(ProtocolError::TooLarge { size: total, max: self.max_frame });
+        }
+        if total < HEADER_LEN {
+            return Err(ProtocolError::BadLength((total - LEN_FIELD) as u32));
+        }
+        if avail < HEADER_LEN {
+            return Ok(None);
+        }
+        let h = &self.buf[self.start..self.start + HEADER_LEN];
+        let kind = Kind::from_u8(h[5]).ok_or(ProtocolError::UnknownKind(h[5]))?;
+        let flags = h[6];
+        let nfds = h[7];
+        let seq = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+        let ns_len = u16::from_le_bytes([h[16], h[17]]) as usize;
+        let cmd_len = u16::from_le_bytes([h[18], h[19]]) as usize;
+        if HEADER_LEN + ns_len + cmd_len > total {
+            return Err(ProtocolError::BadLength((total - LEN_FIELD) as u32));
+        }
+        if nfds > 1 {
+            return Err(ProtocolError::TooManyFds(nfds));
+        }
+        if avail < total {
+            return Ok(None);
+        }
+        // The kernel delivers a sendmsg's fds with its first byte, so by the
+        // time a frame is complete its fds must have arrived.
+        let fd = if nfds == 1 { Some(self.fds.pop_front().ok_or(ProtocolError::MissingFds)?) } else { None };
+        let base = self.start;
+        self.start += total;
+        let body = &self.buf[base + HEADER_LEN..base + total];
+        let ns = std::str::from_utf8(&body[..ns_len]).map_err(|_| ProtocolError::BadName)?;
+        let cmd = std::str::from_utf8(&body[ns_len..ns_len + cmd_len]).map_err(|_| ProtocolError::BadName)?;
+        let payload = &body[ns_len + cmd_len..];
+        Ok(Some(Frame { kind, flags, seq, ns, cmd, payload, fd }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(seq: u64, cmd: &str, n: u32) -> Vec<u8> {
+        let mut v = Vec::new();
+        let env = Envelope { kind: Kind::Message, flags: FLAG_ACK, nfds: 0, seq, ns: "_", cmd };
+        encode(&mut v, env, &n).unwrap();
+        v
+    }
+
+    #[test]
+    fn any_chunking_decodes_the_same() {
+        let mut wire = Vec::new();
+        for i in 0..50u32 {
+            wire.extend(frame(i as u64, &format!("c{i}"), i * 7919));
+        }
+        for chunk in [1, 2, 3, 7, 19, 20, 21, 64, 1000] {
+            let mut d = Decoder::new(1 << 20, 16);
+            let mut got = Vec::new();
+            for piece in wire.chunks(chunk) {
+                d.feed(piece);
+                while let Some(f) = d.next_frame().unwrap() {
+                    let n: u32 = ciborium::from_reader(f.payload).unwrap();
+                    got.push((f.seq, f.cmd.to_string(), n));
+                }
+            }
+            assert_eq!(got.len(), 50, "chunk {chunk}");
+            for (i, (seq, cmd, n)) in got.into_iter().enumerate() {
+                assert_eq!((seq, cmd, n), (i as u64, format!("c{i}"), i as u32 * 7919));
+            }
+            assert!(!d.is_mid_frame());
+        }
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_allocating() {
+        let mut d = Decoder::new(1024, 4);
+        d.feed(&[0xff, 0xff, 0xff, 0x7f, MAGIC]);
+        assert!(matches!(d.next_frame(), Err(ProtocolError::TooLarge { .. })));
+        assert!(d.buf.len() <= READ_CHUNK);
+    }
+
+    #[test]
+    fn garbage_is_bad_magic() {
+        let mut d = Decoder::new(1024, 4);
+        d.feed(b"GET / HTTP/1.1\r\n");
+        assert!(matches!(d.next_frame(), Err(ProtocolError::BadMagic(_))));
+    }
+
+    #[test]
+    fn missing_fd_is_an_error() {
+        let mut v = Vec::new();
+        let env = Envelope { kind: Kind::Message, flags: 0, nfds: 1, seq: 1, ns: "_", cmd: "x" };
+        encode(&mut v, env, &()).unwrap();
+        let mut d = Decoder::new(1024, 4);
+        d.feed(&v);
+        assert!(matches!(d.next_frame(), Err(ProtocolError::MissingFds)));
+    }
+}

@@ -1,0 +1,77 @@
+//! Reactor settings and counters.
+
+use std::time::Duration;
+
+/// Reactor settings. Start from `Config::default()` and change what you need.
+///
+/// ```
+/// use std::time::Duration;
+/// let mut config = clusterphone::Config::default();
+/// config.ack_timeout = Duration::from_secs(2);
+/// config.max_frame = 1 << 20;
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// Ack timeout for messages that set none (default 10 s, as in the Node original).
+    pub ack_timeout: Duration,
+    /// Largest frame sent or accepted, header included (default 16 MiB).
+    pub max_frame: usize,
+    /// Bytes that may wait in one connection's write queue (default 64 MiB).
+    pub max_queue_bytes: usize,
+    /// fds that may wait in one connection's write queue (default 1024).
+    pub max_queue_fds: usize,
+    /// Received fds that may wait for their frame on one connection (default 1024).
+    pub max_received_fds: usize,
+    /// Frames dispatched per connection per `poll` before yielding (default 1024).
+    pub frames_per_poll: usize,
+    /// After a worker's channel hangs up, how long to wait for its exit status
+    /// before reporting a plain disconnection (default 50 ms).
+    pub hangup_grace: Duration,
+    /// Spin on zero-timeout polls for this long before sleeping (default off).
+    /// Cuts wake-up latency at the price of a busy CPU while waiting.
+    pub busy_poll: Option<Duration>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            ack_timeout: Duration::from_secs(10),
+            max_frame: 16 << 20,
+            max_queue_bytes: 64 << 20,
+            max_queue_fds: 1024,
+            max_received_fds: 1024,
+            frames_per_poll: 1024,
+            hangup_grace: Duration::from_millis(50),
+            busy_poll: None,
+        }
+    }
+}
+
+/// Counters kept by a reactor, for tests and monitoring.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Frames fully written to sockets.
+    pub frames_written: u64,
+    /// Frames decoded from sockets.
+    pub frames_read: u64,
+    /// User messages queued for sending.
+    pub messages_sent: u64,
+    /// User messages received.
+    pub messages_received: u64,
+    /// Ack frames (replies and failures) queued for sending.
+    pub acks_sent: u64,
+    /// Ack frames received.
+    pub acks_received: u64,
+    /// Acks that arrived after their message had timed out or settled.
+    pub late_acks: u64,
+    /// Messages with no handler, unknown namespace, or undecodable payload.
+    pub unhandled: u64,
+    /// Connections closed for breaking the protocol.
+    pub protocol_errors: u64,
+    /// Bytes written to sockets.
+    pub bytes_written: u64,
+    /// Bytes read from sockets.
+    pub bytes_read: u64,
+}

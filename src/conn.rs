@@ -1,0 +1,276 @@
+//! One end of a channel: the socket, its receive decoder, and its write queue
+//! of whole frames with their fds.
+//!
+//! Writes gather up to `MAX_IOV` queued frames into one `sendmsg`, with up to
+//! 253 fds riding along; once any byte of a call is written the kernel owns
+//! every fd of that call, so our copies are closed and never sent again.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use mio::net::UnixStream;
+
+use crate::codec::Decoder;
+use crate::sys;
+
+/// Frames gathered into one `sendmsg`.
+const MAX_IOV: usize = 64;
+/// Bytes gathered into one `sendmsg` (beyond the first frame).
+const MAX_GATHER: usize = 1 << 20;
+/// Recycled frame buffers kept per connection, and the largest kept.
+const POOL_MAX: usize = 64;
+const POOL_BUF_MAX: usize = 128 * 1024;
+
+#[derive(Debug)]
+struct OutFrame {
+    /// The encoded frame; empty once cancelled.
+    buf: Vec<u8>,
+    /// The fd to attach; `None` once handed to the kernel (or none at all).
+    fd: Option<OwnedFd>,
+}
+
+/// What one flush achieved.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Flushed {
+    /// The queue is empty.
+    All,
+    /// The socket is full; wait for a writable event.
+    Blocked,
+    /// Too many fds in flight to a slow reader (ETOOMANYREFS): retry later.
+    TooManyRefs,
+}
+
+/// What one read brought.
+#[derive(Debug)]
+pub(crate) enum Read {
+    /// Bytes (and maybe fds) were added to the decoder.
+    Data,
+    /// Nothing to read now.
+    WouldBlock,
+    /// The peer closed its end.
+    Eof,
+    /// The kernel dropped fds (MSG_CTRUNC), or too many fds are waiting.
+    FdsLost,
+}
+
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub(crate) stream: UnixStream,
+    pub(crate) decoder: Decoder,
+    queue: VecDeque<OutFrame>,
+    /// Bytes of the front frame already written.
+    front_written: usize,
+    /// Queue sequence of `queue[0]`; frames are numbered as they are pushed.
+    front_qseq: u64,
+    queued_bytes: usize,
+    queued_fds: usize,
+    /// A write hit EAGAIN; wait for the writable edge.
+    pub(crate) blocked: bool,
+    pool: Vec<Vec<u8>>,
+    fd_scratch: VecDeque<OwnedFd>,
+    pub(crate) frames_written: u64,
+    pub(crate) bytes_written: u64,
+    pub(crate) bytes_read: u64,
+}
+
+impl Conn {
+    pub(crate) fn new(stream: UnixStream, decoder: Decoder) -> Conn {
+        Conn {
+            stream,
+            decoder,
+            queue: VecDeque::new(),
+            front_written: 0,
+            front_qseq: 1,
+            queued_bytes: 0,
+            queued_fds: 0,
+            blocked: false,
+            pool: Vec::new(),
+            fd_scratch: VecDeque::new(),
+            frames_written: 0,
+            bytes_written: 0,
+            bytes_read: 0,
+        }
+    }
+
+    /// A cleared buffer to encode a frame into.
+    pub(crate) fn buffer(&mut self) -> Vec<u8> {
+        self.pool.pop().unwrap_or_default()
+    }
+
+    /// Returns a buffer that was not queued after all.
+    pub(crate) fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.pool.len() < POOL_MAX && buf.capacity() <= POOL_BUF_MAX {
+            buf.clear();
+            self.pool.push(buf);
+        }
+    }
+
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    pub(crate) fn queued_fds(&self) -> usize {
+        self.queued_fds
+    }
+
+    pub(crate) fn queued_frames(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Appends a frame; returns its queue sequence (for `cancel`).
+    pub(crate) fn push(&mut self, buf: Vec<u8>, fd: Option<OwnedFd>) -> u64 {
+        self.queued_bytes += buf.len();
+        self.queued_fds += usize::from(fd.is_some());
+        self.queue.push_back(OutFrame { buf, fd });
+        self.front_qseq + self.queue.len() as u64 - 1
+    }
+
+    /// Puts a frame before everything queued. Only valid before any byte of
+    /// the queue has been written (the master's hello reply).
+    pub(crate) fn push_front(&mut self, buf: Vec<u8>) {
+        debug_assert_eq!(self.front_written, 0);
+        self.queued_bytes += buf.len();
+        self.front_qseq -= 1;
+        self.queue.push_front(OutFrame { buf, fd: None });
+    }
+
+    /// Removes a queued frame that has not started to be written, closing its
+    /// fd. Returns false if it was written (or started) already.
+    pub(crate) fn cancel(&mut self, qseq: u64) -> bool {
+        let Some(idx) = qseq.checked_sub(self.front_qseq) else { return false };
+        let idx = idx as usize;
+        if idx == 0 && self.front_written > 0 {
+            return false;
+        }
+        let Some(f) = self.queue.get_mut(idx) else { return false };
+        if f.buf.is_empty() {
+            return false;
+        }
+        self.queued_bytes -= f.buf.len();
+        let buf = std::mem::take(&mut f.buf);
+        if let Some(fd) = f.fd.take() {
+            self.queued_fds -= 1;
+            drop(fd);
+        }
+        self.recycle(buf);
+        true
+    }
+
+    /// Writes as much of the queue as the socket takes.
+    pub(crate) fn flush(&mut self) -> io::Result<Flushed> {
+        let sock = self.stream.as_raw_fd();
+        loop {
+            self.pop_finished();
+            if self.queue.is_empty() {
+                return Ok(Flushed::All);
+            }
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let mut fds = [0 as RawFd; sys::MAX_FDS_PER_CALL];
+            let (mut niov, mut nfds, mut gathered) = (0, 0, 0);
+            for (i, f) in self.queue.iter().enumerate() {
+                if niov == MAX_IOV || (niov > 0 && gathered >= MAX_GATHER) {
+                    break;
+                }
+                if f.fd.is_some() {
+                    if nfds == fds.len() {
+                        break;
+                    }
+                    fds[nfds] = f.fd.as_ref().map_or(-1, |fd| fd.as_raw_fd());
+                    nfds += 1;
+                }
+                let bytes = if i == 0 { &f.buf[self.front_written..] } else { &f.buf[..] };
+                iov[niov] = IoSlice::new(bytes);
+                niov += 1;
+                gathered += bytes.len();
+            }
+            match sys::send_with_fds(sock, &iov[..niov], &fds[..nfds]) {
+                Ok(n) => {
+                    if nfds > 0 && n > 0 {
+                        // The kernel took every fd of this call: close ours.
+                        for f in self.queue.iter_mut().take(niov) {
+                            if f.fd.take().is_some() {
+                                self.queued_fds -= 1;
+                            }
+                        }
+                    }
+                    self.consume(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.blocked = true;
+                    return Ok(Flushed::Blocked);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ETOOMANYREFS) => return Ok(Flushed::TooManyRefs),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn consume(&mut self, mut n: usize) {
+        self.bytes_written += n as u64;
+        self.queued_bytes -= n;
+        while n > 0 {
+            let Some(front) = self.queue.front() else { break };
+            let left = front.buf.len() - self.front_written;
+            if n < left {
+                self.front_written += n;
+                return;
+            }
+            n -= left;
+            self.front_written = front.buf.len();
+            self.pop_finished();
+        }
+    }
+
+    /// Pops written and cancelled frames off the front.
+    fn pop_finished(&mut self) {
+        while let Some(front) = self.queue.front() {
+            if self.front_written < front.buf.len() {
+                return;
+            }
+            let Some(f) = self.queue.pop_front() else { return };
+            if !f.buf.is_empty() {
+                self.frames_written += 1;
+            }
+            self.front_written = 0;
+            self.front_qseq += 1;
+            if let Some(fd) = f.fd {
+                // Cannot happen (fds go with the frame's first byte), but never leak.
+                self.queued_fds -= 1;
+                drop(fd);
+            }
+            self.recycle(f.buf);
+        }
+    }
+
+    /// One `recvmsg` into the decoder.
+    pub(crate) fn read(&mut self) -> io::Result<Read> {
+        let sock = self.stream.as_raw_fd();
+        loop {
+            let buf = self.decoder.read_buf();
+            match sys::recv_with_fds(sock, buf, &mut self.fd_scratch) {
+                Ok(r) => {
+                    let mut lost = r.truncated;
+                    for fd in self.fd_scratch.drain(..) {
+                        if self.decoder.push_fd(fd).is_err() {
+                            lost = true;
+                        }
+                    }
+                    if lost {
+                        return Ok(Read::FdsLost);
+                    }
+                    if r.bytes == 0 {
+                        return Ok(Read::Eof);
+                    }
+                    self.decoder.filled(r.bytes);
+                    self.bytes_read += r.bytes as u64;
+                    return Ok(Read::Data);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Read::WouldBlock),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

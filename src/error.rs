@@ -1,0 +1,261 @@
+//! Typed errors: what a call can fail with, what an acknowledgement can end
+//! with, and what a peer can do wrong on the wire.
+
+use std::fmt;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::process::ExitStatus;
+
+use crate::WorkerId;
+
+/// Everything a clusterphone call can fail with.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// A system call failed.
+    Io(io::Error),
+    /// `attach` was called in a process that no clusterphone master spawned.
+    NotAWorker(String),
+    /// The call is for the other role (e.g. `spawn` on a worker).
+    WrongRole,
+    /// A command name was empty.
+    EmptyCommand,
+    /// A namespace name was empty.
+    EmptyNamespace,
+    /// The namespace name is reserved for the library.
+    ReservedNamespace,
+    /// The command or namespace name is longer than 65535 bytes.
+    NameTooLong,
+    /// No such worker, or it has exited or been disconnected.
+    UnknownWorker(WorkerId),
+    /// The payload could not be encoded as CBOR.
+    Encode(String),
+    /// A payload or reply could not be decoded into the requested type.
+    Decode(String),
+    /// The encoded frame exceeds the configured maximum.
+    FrameTooLarge {
+        /// Size of the frame that was refused.
+        size: usize,
+        /// The configured limit.
+        max: usize,
+    },
+    /// The connection's write queue is at its byte or fd limit.
+    QueueFull,
+    /// An fd was sent to a worker that has not said hello yet, without `force_queue`.
+    NotReady(WorkerId),
+    /// A timeout of zero, or of more than a day.
+    InvalidTimeout,
+    /// The peer broke the protocol; its connection was closed.
+    Protocol(ProtocolError),
+    /// The peers speak different protocol versions.
+    VersionMismatch {
+        /// Our protocol version.
+        ours: u32,
+        /// The peer's protocol version.
+        theirs: u32,
+    },
+    /// On a worker: the channel to the master is closed.
+    Disconnected,
+    /// On a worker: the master asked this worker to exit.
+    ExitRequested,
+    /// `poll`, `flush` or a blocking request was called from inside a handler.
+    Reentrant,
+    /// The acknowledgement of a blocking request ended in an error.
+    Ack(AckError),
+    /// `flush` ran out of time with frames still queued.
+    FlushTimeout,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io(e) => write!(f, "i/o error: {e}"),
+            Error::NotAWorker(why) => write!(f, "not a clusterphone worker: {why}"),
+            Error::WrongRole => f.write_str("this call is for the other role (master/worker)"),
+            Error::EmptyCommand => f.write_str("command name is empty"),
+            Error::EmptyNamespace => f.write_str("namespace name is empty"),
+            Error::ReservedNamespace => f.write_str("namespace name is reserved"),
+            Error::NameTooLong => f.write_str("command or namespace name is too long"),
+            Error::UnknownWorker(w) => write!(f, "no such worker: {w}"),
+            Error::Encode(e) => write!(f, "cannot encode payload: {e}"),
+            Error::Decode(e) => write!(f, "cannot decode payload: {e}"),
+            Error::FrameTooLarge { size, max } => write!(f, "frame of {size} bytes exceeds the limit of {max}"),
+            Error::QueueFull => f.write_str("write queue is full"),
+            Error::NotReady(w) => write!(f, "worker {w} is not ready; refusing to queue an fd"),
+            Error::InvalidTimeout => f.write_str("timeout must be above zero and at most a day"),
+            Error::Protocol(e) => write!(f, "protocol error: {e}"),
+            Error::VersionMismatch { ours, theirs } => {
+                write!(f, "protocol version mismatch: ours {ours}, peer's {theirs}")
+            }
+            Error::Disconnected => f.write_str("disconnected from master"),
+            Error::ExitRequested => f.write_str("the master asked this worker to exit"),
+            Error::Reentrant => f.write_str("cannot poll from inside a handler"),
+            Error::Ack(e) => write!(f, "request failed: {e}"),
+            Error::FlushTimeout => f.write_str("flush timed out with frames still queued"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io(e) => Some(e),
+            Error::Protocol(e) => Some(e),
+            Error::Ack(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Error::Io(e)
+    }
+}
+
+impl From<AckError> for Error {
+    fn from(e: AckError) -> Self {
+        Error::Ack(e)
+    }
+}
+
+/// A send refused at the call. Nothing was queued; the fd, if any, is handed
+/// back so the caller's descriptor is not lost.
+#[derive(Debug)]
+pub struct SendError {
+    /// Why the send was refused.
+    pub error: Error,
+    /// The fd that was to travel with the message, returned unharmed.
+    pub fd: Option<OwnedFd>,
+}
+
+impl SendError {
+    pub(crate) fn new(error: Error, fd: Option<OwnedFd>) -> Self {
+        SendError { error, fd }
+    }
+
+    /// Takes the handed-back fd.
+    pub fn into_fd(self) -> Option<OwnedFd> {
+        self.fd
+    }
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "send refused: {}", self.error)
+    }
+}
+
+impl std::error::Error for SendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl From<SendError> for Error {
+    fn from(e: SendError) -> Self {
+        e.error
+    }
+}
+
+/// How an acknowledged message can end, other than with a reply.
+/// Every message that asked for an ack gets exactly one outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AckError {
+    /// The remote handler answered with an error (its text).
+    Remote(String),
+    /// The remote has handlers in that namespace, but none for the command.
+    NoHandler,
+    /// The remote has no handler at all in that namespace.
+    UnknownNamespace,
+    /// The remote could not decode the payload into its handler's type.
+    BadPayload(String),
+    /// The remote handler dropped its responder without answering (or panicked).
+    Dropped,
+    /// No answer arrived in time.
+    Timeout,
+    /// The channel closed (on a worker: the master went away).
+    Disconnected,
+    /// The worker process ended.
+    Exited(ExitStatus),
+    /// The reply arrived but did not decode into the requested type.
+    BadReply(String),
+}
+
+impl fmt::Display for AckError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AckError::Remote(e) => write!(f, "remote handler failed: {e}"),
+            AckError::NoHandler => f.write_str("no handler for that command"),
+            AckError::UnknownNamespace => f.write_str("unknown namespace"),
+            AckError::BadPayload(e) => write!(f, "remote could not decode the payload: {e}"),
+            AckError::Dropped => f.write_str("remote handler dropped the message without replying"),
+            AckError::Timeout => f.write_str("timed out waiting for the acknowledgement"),
+            AckError::Disconnected => f.write_str("channel closed before the acknowledgement"),
+            AckError::Exited(s) => write!(f, "worker exited before acknowledging ({s})"),
+            AckError::BadReply(e) => write!(f, "cannot decode reply: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for AckError {}
+
+/// A peer broke the wire protocol. The connection it came on is closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// The frame's magic byte is wrong: garbage on the wire.
+    BadMagic(u8),
+    /// An unknown frame kind.
+    UnknownKind(u8),
+    /// The length field cannot hold the frame's own header.
+    BadLength(u32),
+    /// The announced frame exceeds the receive limit.
+    TooLarge {
+        /// The announced size.
+        size: usize,
+        /// The configured limit.
+        max: usize,
+    },
+    /// A name is not UTF-8.
+    BadName,
+    /// The frame announces more fds than arrived, or the kernel dropped fds.
+    MissingFds,
+    /// More than one fd on one frame.
+    TooManyFds(u8),
+    /// A hello or control frame whose body does not decode.
+    BadControl(String),
+    /// An acknowledgement for a sequence number never issued on this connection.
+    UnknownSequence(u64),
+    /// A hello from a peer that already said hello, or a message before hello.
+    UnexpectedFrame(&'static str),
+    /// The peer speaks another protocol version.
+    Version(u32),
+    /// The stream ended in the middle of a frame.
+    Truncated,
+    /// The fd limit for this connection was exceeded.
+    TooManyFdsInFlight,
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProtocolError::BadMagic(b) => write!(f, "bad magic byte {b:#04x}"),
+            ProtocolError::UnknownKind(k) => write!(f, "unknown frame kind {k}"),
+            ProtocolError::BadLength(l) => write!(f, "bad frame length {l}"),
+            ProtocolError::TooLarge { size, max } => write!(f, "frame of {size} bytes exceeds the limit of {max}"),
+            ProtocolError::BadName => f.write_str("name is not UTF-8"),
+            ProtocolError::MissingFds => f.write_str("frame announces fds that did not arrive"),
+            ProtocolError::TooManyFds(n) => write!(f, "{n} fds on one frame"),
+            ProtocolError::BadControl(e) => write!(f, "bad control frame: {e}"),
+            ProtocolError::UnknownSequence(s) => write!(f, "ack for sequence {s}, never issued"),
+            ProtocolError::UnexpectedFrame(what) => write!(f, "unexpected frame: {what}"),
+            ProtocolError::Version(v) => write!(f, "unsupported protocol version {v}"),
+            ProtocolError::Truncated => f.write_str("stream ended inside a frame"),
+            ProtocolError::TooManyFdsInFlight => f.write_str("too many fds received"),
+        }
+    }
+}
+
+impl std::error::Error for ProtocolError {}

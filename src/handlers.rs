@@ -1,0 +1,119 @@
+//! The handler table: namespaces of commands, each a boxed callback.
+//!
+//! A handler is taken out of its slot while it runs, so it can freely use the
+//! reactor (send, register, remove, even replace itself) without any shared
+//! borrow; afterwards it is put back only if its slot was left untouched.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+
+use crate::ack::Responder;
+use crate::{Peer, Reactor};
+
+/// The namespace used when none is named.
+pub const DEFAULT_NAMESPACE: &str = "_";
+/// Namespace names starting with this are the library's own.
+pub const RESERVED_PREFIX: &str = "__clusterphone";
+
+/// A message as the reactor hands it to a stored handler, payload undecoded.
+pub(crate) struct Incoming<'a> {
+    pub(crate) from: Peer,
+    pub(crate) ns: &'a str,
+    pub(crate) cmd: &'a str,
+    pub(crate) payload: &'a [u8],
+    pub(crate) fd: Option<OwnedFd>,
+    pub(crate) responder: Responder,
+}
+
+pub(crate) type Handler = Box<dyn FnMut(&mut Reactor, Incoming<'_>)>;
+
+struct Slot {
+    generation: u64,
+    /// `None` while the handler runs.
+    handler: Option<Handler>,
+}
+
+/// What a lookup found.
+pub(crate) enum Lookup {
+    Found(Handler, u64),
+    /// Running already (cannot happen: nested polls are refused).
+    Busy,
+    NoHandler,
+    UnknownNamespace,
+}
+
+#[derive(Default)]
+pub(crate) struct Handlers {
+    spaces: HashMap<String, HashMap<String, Slot>>,
+    next_generation: u64,
+}
+
+pub(crate) fn check_namespace(ns: &str) -> Result<(), crate::Error> {
+    if ns.is_empty() {
+        Err(crate::Error::EmptyNamespace)
+    } else if ns.starts_with(RESERVED_PREFIX) {
+        Err(crate::Error::ReservedNamespace)
+    } else if ns.len() > u16::MAX as usize {
+        Err(crate::Error::NameTooLong)
+    } else {
+        Ok(())
+    }
+}
+
+pub(crate) fn check_command(cmd: &str) -> Result<(), crate::Error> {
+    if cmd.is_empty() {
+        Err(crate::Error::EmptyCommand)
+    } else if cmd.len() > u16::MAX as usize {
+        Err(crate::Error::NameTooLong)
+    } else {
+        Ok(())
+    }
+}
+
+impl Handlers {
+    /// Registers (or replaces) a handler; returns true if the namespace is new.
+    pub(crate) fn insert(&mut self, ns: &str, cmd: &str, handler: Handler) -> bool {
+        self.next_generation += 1;
+        let slot = Slot { generation: self.next_generation, handler: Some(handler) };
+        let new_space = !self.spaces.contains_key(ns);
+        self.spaces.entry(ns.to_owned()).or_default().insert(cmd.to_owned(), slot);
+        new_space
+    }
+
+    /// Removes a handler; returns whether there was one.
+    pub(crate) fn remove(&mut self, ns: &str, cmd: &str) -> bool {
+        let Some(space) = self.spaces.get_mut(ns) else { return false };
+        let had = space.remove(cmd).is_some();
+        if space.is_empty() {
+            self.spaces.remove(ns);
+        }
+        had
+    }
+
+    pub(crate) fn contains(&self, ns: &str, cmd: &str) -> bool {
+        self.spaces.get(ns).is_some_and(|s| s.contains_key(cmd))
+    }
+
+    pub(crate) fn namespaces(&self) -> Vec<String> {
+        self.spaces.keys().cloned().collect()
+    }
+
+    /// Takes the handler for (ns, cmd) out to run it.
+    pub(crate) fn take(&mut self, ns: &str, cmd: &str) -> Lookup {
+        let Some(space) = self.spaces.get_mut(ns) else { return Lookup::UnknownNamespace };
+        let Some(slot) = space.get_mut(cmd) else { return Lookup::NoHandler };
+        match slot.handler.take() {
+            Some(h) => Lookup::Found(h, slot.generation),
+            None => Lookup::Busy,
+        }
+    }
+
+    /// Puts a handler back after it ran, unless it was replaced or removed meanwhile.
+    pub(crate) fn restore(&mut self, ns: &str, cmd: &str, generation: u64, handler: Handler) {
+        if let Some(slot) = self.spaces.get_mut(ns).and_then(|s| s.get_mut(cmd)) {
+            if slot.generation == generation && slot.handler.is_none() {
+                slot.handler = Some(handler);
+            }
+        }
+    }
+}

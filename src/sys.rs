@@ -1,0 +1,212 @@
+//! The crate's only `unsafe` code: thin wrappers over the Linux system calls
+//! that std and mio do not offer (SCM_RIGHTS, pidfd, socket checks).
+//!
+//! Every function here returns owned, safe types; every `unsafe` block says
+//! why it is sound.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::mem;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+/// The kernel's SCM_MAX_FD: the most descriptors one `sendmsg` may carry.
+pub(crate) const MAX_FDS_PER_CALL: usize = 253;
+
+/// Control buffer for 253 fds: CMSG_SPACE(253 * 4) = 16 + 1012 rounded to 8.
+/// Kept as `u64`s so it is aligned for `cmsghdr`.
+const CMSG_WORDS: usize = (16 + MAX_FDS_PER_CALL * 4).div_ceil(8) + 1;
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// A connected AF_UNIX stream pair, both ends close-on-exec.
+pub(crate) fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1 as RawFd; 2];
+    // SAFETY: `fds` is a valid, writable array of two ints, as socketpair(2) requires.
+    cvt(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: socketpair succeeded, so both fds are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn fcntl_flags(fd: BorrowedFd<'_>, get: libc::c_int, set: libc::c_int, bit: libc::c_int, on: bool) -> io::Result<()> {
+    // SAFETY: F_GETFD/F_GETFL on a borrowed, open fd have no memory effects.
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), get) })?;
+    let new = if on { flags | bit } else { flags & !bit };
+    if new != flags {
+        // SAFETY: as above; only the descriptor's flags change.
+        cvt(unsafe { libc::fcntl(fd.as_raw_fd(), set, new) })?;
+    }
+    Ok(())
+}
+
+pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    fcntl_flags(fd, libc::F_GETFD, libc::F_SETFD, libc::FD_CLOEXEC, true)
+}
+
+pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    fcntl_flags(fd, libc::F_GETFL, libc::F_SETFL, libc::O_NONBLOCK, on)
+}
+
+fn sockopt_int(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
+    let mut val: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `val` and `len` are valid for writes and `len` holds `val`'s size.
+    cvt(unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&mut val as *mut libc::c_int).cast(), &mut len)
+    })?;
+    Ok(val)
+}
+
+/// Takes ownership of the descriptor a master handed down to this process,
+/// after checking that it is an open AF_UNIX stream socket.
+///
+/// The caller (`attach`) removes the environment variable naming the fd before
+/// anything else can read it, so only one `OwnedFd` ever exists for it.
+pub(crate) fn adopt_channel_fd(raw: RawFd) -> io::Result<OwnedFd> {
+    if raw < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: F_GETFD only queries; it fails with EBADF if `raw` is not open.
+    cvt(unsafe { libc::fcntl(raw, libc::F_GETFD) })?;
+    let domain = sockopt_int(raw, libc::SO_DOMAIN)?;
+    let kind = sockopt_int(raw, libc::SO_TYPE)?;
+    if domain != libc::AF_UNIX || kind != libc::SOCK_STREAM {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "channel fd is not a Unix stream socket"));
+    }
+    // SAFETY: the fd is open (checked above) and was handed to this process
+    // for the channel alone; the env variable naming it is removed by our caller,
+    // so no second owner can be created through this crate.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Arranges for `fd` to survive `exec` in the child only: the parent's copy
+/// keeps close-on-exec, so a spawn on another thread can never inherit it.
+pub(crate) fn inherit_in_child(cmd: &mut Command, fd: RawFd) {
+    // SAFETY: the closure runs between fork and exec and calls only fcntl,
+    // which is async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// `pidfd_open(2)`: an fd that becomes readable when process `pid` exits.
+pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes two integers and returns a new fd or -1.
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0 as libc::c_uint) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = ret as RawFd;
+    // SAFETY: the syscall returned a fresh fd that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_cloexec(std::os::fd::AsFd::as_fd(&owned))?;
+    Ok(owned)
+}
+
+/// Sends `bufs` in one `sendmsg` with `fds` attached as SCM_RIGHTS.
+///
+/// Always non-blocking and with MSG_NOSIGNAL, so a closed peer is EPIPE, never
+/// a SIGPIPE. If any byte is written, the kernel has taken every fd.
+pub(crate) fn send_with_fds(sock: RawFd, bufs: &[IoSlice<'_>], fds: &[RawFd]) -> io::Result<usize> {
+    debug_assert!(fds.len() <= MAX_FDS_PER_CALL);
+    let mut cmsg = [0u64; CMSG_WORDS];
+    // SAFETY: an all-zero msghdr is a valid "no name, no control" header.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec; // IoSlice is ABI-compatible with iovec.
+    msg.msg_iovlen = bufs.len() as _;
+    if !fds.is_empty() {
+        let data_len = mem::size_of_val(fds) as libc::c_uint;
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
+        debug_assert!(space <= mem::size_of_val(&cmsg));
+        msg.msg_control = cmsg.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: msg_control points at `space` zeroed, aligned bytes we own, so
+        // CMSG_FIRSTHDR is non-null and the header plus `data_len` bytes fit in it.
+        unsafe {
+            let hdr = libc::CMSG_FIRSTHDR(&msg);
+            (*hdr).cmsg_level = libc::SOL_SOCKET;
+            (*hdr).cmsg_type = libc::SCM_RIGHTS;
+            (*hdr).cmsg_len = libc::CMSG_LEN(data_len) as _;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(hdr).cast::<RawFd>(), fds.len());
+        }
+    }
+    // SAFETY: msg points at live iovecs and a control buffer for the whole call.
+    cvt_size(unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) })
+}
+
+/// What one `recvmsg` brought.
+pub(crate) struct Received {
+    pub bytes: usize,
+    /// The kernel dropped control data (MSG_CTRUNC): fds were lost.
+    pub truncated: bool,
+}
+
+/// Receives into `buf`, appending any fds (close-on-exec) to `fds` in order.
+pub(crate) fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut VecDeque<OwnedFd>) -> io::Result<Received> {
+    let mut cmsg = [0u64; CMSG_WORDS];
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: an all-zero msghdr is valid; we fill in the buffers below.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = mem::size_of_val(&cmsg) as _;
+    // SAFETY: iov covers `buf`, which we borrow mutably; the control buffer is ours.
+    let n = cvt_size(unsafe {
+        libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT)
+    })?;
+    // SAFETY: after a successful recvmsg the kernel has written well-formed
+    // cmsg headers within msg_controllen; CMSG_NXTHDR stays inside that range.
+    unsafe {
+        let mut hdr = libc::CMSG_FIRSTHDR(&msg);
+        while !hdr.is_null() {
+            if (*hdr).cmsg_level == libc::SOL_SOCKET && (*hdr).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(hdr);
+                let payload = (*hdr).cmsg_len as usize - (data as usize - hdr as usize);
+                let count = payload / mem::size_of::<RawFd>();
+                for i in 0..count {
+                    let raw = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                    // The kernel installed this fd for us: we are its only owner.
+                    fds.push_back(OwnedFd::from_raw_fd(raw));
+                }
+            }
+            hdr = libc::CMSG_NXTHDR(&msg, hdr);
+        }
+    }
+    Ok(Received { bytes: n, truncated: msg.msg_flags & libc::MSG_CTRUNC != 0 })
+}
+
+/// Borrows the reactor's epoll fd for `AsFd`.
+pub(crate) fn borrow_raw<'a>(fd: RawFd) -> BorrowedFd<'a> {
+    // SAFETY: callers pass the fd of a `mio::Poll` they own and tie the
+    // returned lifetime to it, so the fd stays open while borrowed.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
