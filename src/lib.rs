@@ -63,7 +63,7 @@ use ack::Target;
 
 /// Identifies a worker on its master. Ids are never reused by a reactor, so
 /// a stale id is an error, never another worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WorkerId {
     pub(crate) key: u32,
     pub(crate) generation: u32,
@@ -78,6 +78,12 @@ impl WorkerId {
     /// A number unique among the workers of one master (1, 2, 3, …).
     pub fn serial(&self) -> u32 {
         self.generation
+    }
+}
+
+impl fmt::Debug for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WorkerId({self})")
     }
 }
 
