@@ -52,9 +52,10 @@ fn master() -> Result<(), Error> {
         let greeting = Greeting { key: "value".into(), n: i as u32 };
         reactor.send_to(w, "greet", &greeting, None).send()?;
         // Ask for an acknowledgement, delivered to a callback from `poll`.
-        reactor.send_to(w, "square", &(i as u64 + 2), None).within(Duration::from_secs(5)).ackd(
-            move |_r, reply: Result<u64, AckError>| println!("master: square from worker #{i} -> {reply:?}"),
-        )?;
+        reactor
+            .send_to(w, "square", &(i as u64 + 2), None)
+            .within(Duration::from_secs(5))
+            .ackd(move |_r, reply: Result<u64, AckError>| println!("master: square from worker #{i} -> {reply:?}"))?;
     }
 
     // A blocking request: polls until the reply arrives.

@@ -135,10 +135,8 @@ fn encode_inner(
     out.extend_from_slice(env.ns.as_bytes());
     out.extend_from_slice(env.cmd.as_bytes());
     body(out)?;
-    let len = u32::try_from(out.len() - start - LEN_FIELD).map_err(|_| Error::FrameTooLarge {
-        size: out.len() - start,
-        max: u32::MAX as usize,
-    })?;
+    let len = u32::try_from(out.len() - start - LEN_FIELD)
+        .map_err(|_| Error::FrameTooLarge { size: out.len() - start, max: u32::MAX as usize })?;
     out[start..start + LEN_FIELD].copy_from_slice(&len.to_le_bytes());
     Ok(())
 }

@@ -247,7 +247,8 @@ impl Reactor {
         }
         if let Some(pidfd) = &link.pidfd {
             let raw = pidfd.as_raw_fd();
-            if let Err(e) = self.poll.registry().register(&mut SourceFd(&raw), Token(key << 1 | 1), Interest::READABLE) {
+            if let Err(e) = self.poll.registry().register(&mut SourceFd(&raw), Token(key << 1 | 1), Interest::READABLE)
+            {
                 if let Some(conn) = link.conn.as_mut() {
                     let _ = self.poll.registry().deregister(&mut conn.stream);
                 }
@@ -290,8 +291,8 @@ impl Reactor {
         F: FnMut(&mut Reactor, Message<T>) + 'static,
     {
         check_command(cmd)?;
-        let wrapped = Box::new(move |r: &mut Reactor, inc: Incoming<'_>| {
-            match ciborium::from_reader::<T, _>(inc.payload) {
+        let wrapped =
+            Box::new(move |r: &mut Reactor, inc: Incoming<'_>| match ciborium::from_reader::<T, _>(inc.payload) {
                 Ok(payload) => handler(r, Message { from: inc.from, payload, fd: inc.fd, reply: inc.responder }),
                 Err(e) => {
                     let text = e.to_string();
@@ -300,8 +301,7 @@ impl Reactor {
                     }
                     r.note_unhandled(inc.from, inc.ns, inc.cmd, AckError::BadPayload(text));
                 }
-            }
-        });
+            });
         let new_space = self.handlers.insert(ns, cmd, wrapped);
         if new_space && self.role == Role::Worker && self.hello_sent {
             self.announce_namespace(ns);
@@ -880,11 +880,8 @@ impl Reactor {
         }
         self.stats.messages_received += 1;
         let from = self.peer_of(id);
-        let responder = if frame.wants_ack() {
-            Responder::new(id, frame.seq, self.outbox.clone())
-        } else {
-            Responder::none()
-        };
+        let responder =
+            if frame.wants_ack() { Responder::new(id, frame.seq, self.outbox.clone()) } else { Responder::none() };
         let Frame { ns, cmd, payload, fd, .. } = frame;
         match self.handlers.take(ns, cmd) {
             Lookup::Found(mut handler, generation) => {
@@ -1071,7 +1068,8 @@ impl Reactor {
         }
         let grace = self.config.hangup_grace;
         let Some(link) = self.links.get_mut(key) else { return };
-        let peer_gone = matches!(reason, DisconnectReason::Hangup | DisconnectReason::Protocol(ProtocolError::Truncated));
+        let peer_gone =
+            matches!(reason, DisconnectReason::Hangup | DisconnectReason::Protocol(ProtocolError::Truncated));
         if self.role == Role::Master && link.child.is_some() && peer_gone {
             link.hangup_reason = Some(reason);
             if let Some(mut conn) = link.conn.take() {
@@ -1162,10 +1160,8 @@ impl Reactor {
                     self.flush_link(key);
                 }
             }
-            let queued = self
-                .links
-                .iter()
-                .any(|(_, l)| l.ready && l.conn.as_ref().is_some_and(|c| c.queued_frames() > 0));
+            let queued =
+                self.links.iter().any(|(_, l)| l.ready && l.conn.as_ref().is_some_and(|c| c.queued_frames() > 0));
             if !queued {
                 return Ok(());
             }

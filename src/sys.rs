@@ -38,14 +38,7 @@ fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
 pub(crate) fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [-1 as RawFd; 2];
     // SAFETY: `fds` is a valid, writable array of two ints, as socketpair(2) requires.
-    cvt(unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    })?;
+    cvt(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) })?;
     // SAFETY: socketpair succeeded, so both fds are open and owned by nobody else.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
@@ -73,9 +66,7 @@ fn sockopt_int(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
     let mut val: libc::c_int = 0;
     let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `val` and `len` are valid for writes and `len` holds `val`'s size.
-    cvt(unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&mut val as *mut libc::c_int).cast(), &mut len)
-    })?;
+    cvt(unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&mut val as *mut libc::c_int).cast(), &mut len) })?;
     Ok(val)
 }
 
@@ -180,9 +171,7 @@ pub(crate) fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut VecDeque<Owne
     msg.msg_control = cmsg.as_mut_ptr().cast();
     msg.msg_controllen = mem::size_of_val(&cmsg) as _;
     // SAFETY: iov covers `buf`, which we borrow mutably; the control buffer is ours.
-    let n = cvt_size(unsafe {
-        libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT)
-    })?;
+    let n = cvt_size(unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT) })?;
     // SAFETY: after a successful recvmsg the kernel has written well-formed
     // cmsg headers within msg_controllen; CMSG_NXTHDR stays inside that range.
     unsafe {

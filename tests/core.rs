@@ -1,0 +1,464 @@
+//! Core behaviour with real worker processes: both directions, namespaces,
+//! queue-until-ready ordering, unknown commands, exits, volume, re-entrancy.
+
+mod util;
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::Stdio;
+use std::rc::Rc;
+use std::time::Duration;
+
+use clusterphone::{AckError, Config, Error, Message, Peer, Reactor, WorkerEvent, WorkerId};
+
+const SECS: Duration = Duration::from_secs(10);
+
+#[test]
+fn worker_entry() {
+    let Some(role) = util::role() else { return };
+    util::worker_watchdog();
+    match role.as_str() {
+        "general" => general_worker(),
+        "burst-exit" => {
+            let mut r = Reactor::attach().unwrap();
+            for i in 0..1000u64 {
+                r.send_to_master("burst", &i, None).send().unwrap();
+            }
+            r.flush(SECS).unwrap();
+            std::process::exit(0);
+        }
+        "exit-now" => {
+            let _r = Reactor::attach().unwrap();
+            std::process::exit(7);
+        }
+        "attach-bad" => {
+            // CLUSTERPHONE_FD names stdin, which is not a socket.
+            let ok = matches!(Reactor::attach(), Err(Error::NotAWorker(_)));
+            let again = matches!(Reactor::attach(), Err(Error::NotAWorker(_)));
+            std::process::exit(if ok && again { 0 } else { 1 });
+        }
+        "grandchild" => {
+            // Must not have inherited the channel: no variable, and the parent's fd number closed.
+            let fd: i32 = std::env::args().last().unwrap().parse().unwrap();
+            // SAFETY: F_GETFD on an arbitrary number only queries; EBADF if not open.
+            let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+            std::process::exit(if !clusterphone::is_worker() && !open { 0 } else { 1 });
+        }
+        "ignore-exit" => {
+            let mut r = Reactor::attach().unwrap();
+            loop {
+                match r.poll(Some(Duration::from_millis(50))) {
+                    Err(Error::Disconnected) => break,
+                    _ => continue,
+                }
+            }
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
+
+fn general_worker() {
+    let mut r = Reactor::attach().unwrap();
+    let seen: Rc<RefCell<Vec<u64>>> = Rc::default();
+    r.on("ping", |r, msg: Message<u64>| {
+        r.send_to_master("pong", &(msg.payload + 1), None).send().unwrap();
+    })
+    .unwrap();
+    let s = seen.clone();
+    r.on("num", move |_r, msg: Message<u64>| s.borrow_mut().push(msg.payload)).unwrap();
+    let s = seen.clone();
+    r.on("report", move |_r, msg: Message<()>| {
+        msg.reply.ok(&*s.borrow()).unwrap();
+    })
+    .unwrap();
+    r.on("dual", |_r, msg: Message<()>| msg.reply.ok("default").unwrap()).unwrap();
+    r.ns("a").unwrap().on("dual", |_r, msg: Message<()>| msg.reply.ok("ns-a").unwrap()).unwrap();
+    r.on("stats", |r, msg: Message<()>| {
+        let st = r.stats();
+        msg.reply.ok(&(st.unhandled, st.acks_sent, st.messages_received)).unwrap();
+    })
+    .unwrap();
+    r.on("go", |r, msg: Message<u64>| {
+        for i in 0..msg.payload {
+            r.send_to_master("from-worker", &i, None).send().unwrap();
+        }
+    })
+    .unwrap();
+    r.on("echo-back", |r, msg: Message<u64>| {
+        r.send_to_master("echoed", &msg.payload, None).send().unwrap();
+    })
+    .unwrap();
+    r.on("setup", |r, msg: Message<()>| {
+        // Re-entrant: register, remove ourselves, send, all from inside a handler.
+        r.on("later", |_r, m: Message<()>| m.reply.ok("later-ok").unwrap()).unwrap();
+        assert!(r.off("setup"));
+        r.ns("late-ns").unwrap().on("x", |_r, m: Message<()>| m.reply.ok("x-ok").unwrap()).unwrap();
+        r.send_to_master("setup-done", &(), None).send().unwrap();
+        msg.reply.ok(&()).unwrap();
+    })
+    .unwrap();
+    r.on("spawn-grandchild", |_r, msg: Message<i32>| {
+        let mut cmd = util::worker_command("grandchild");
+        cmd.arg(msg.payload.to_string());
+        let status = cmd.status().unwrap();
+        msg.reply.ok(&status.success()).unwrap();
+    })
+    .unwrap();
+    r.on("channel-fd", |_r, msg: Message<()>| msg.reply.ok(&channel_fd()).unwrap()).unwrap();
+    util::serve(&mut r);
+}
+
+/// The worker's channel fd number, found as the only Unix socket among its fds
+/// other than what the reactor created (epoll is not a socket).
+fn channel_fd() -> i32 {
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        if target.to_string_lossy().starts_with("socket:") {
+            return entry.file_name().to_string_lossy().parse().unwrap();
+        }
+    }
+    -1
+}
+
+fn spawn_ready(r: &mut Reactor, role: &str) -> WorkerId {
+    let w = r.spawn(util::worker_command(role)).unwrap();
+    util::poll_until(r, SECS, |r| r.is_ready(w));
+    w
+}
+
+#[test]
+fn messages_flow_both_ways_with_sender_identity() {
+    let _d = util::deadline(SECS * 3);
+    let mut r = Reactor::master().unwrap();
+    let got: Rc<RefCell<Vec<(Peer, u64)>>> = Rc::default();
+    let g = got.clone();
+    r.on("pong", move |_r, msg: Message<u64>| g.borrow_mut().push((msg.from, msg.payload))).unwrap();
+    let a = spawn_ready(&mut r, "general");
+    let b = spawn_ready(&mut r, "general");
+    r.send_to(a, "ping", &10u64, None).send().unwrap();
+    r.send_to(b, "ping", &20u64, None).send().unwrap();
+    util::poll_until(&mut r, SECS, |_| got.borrow().len() == 2);
+    let mut v = got.borrow().clone();
+    v.sort_by_key(|x| x.1);
+    assert_eq!(v, vec![(Peer::Worker(a), 11), (Peer::Worker(b), 21)]);
+    r.shutdown(SECS).unwrap();
+}
+
+#[test]
+fn namespaces_keep_handlers_apart() {
+    let _d = util::deadline(SECS * 3);
+    let mut r = Reactor::master().unwrap();
+    let w = spawn_ready(&mut r, "general");
+    let d: String = r.request(w, "dual", &(), SECS).unwrap();
+    let a: String = r.ns("a").unwrap().request(w, "dual", &(), SECS).unwrap();
+    assert_eq!((d.as_str(), a.as_str()), ("default", "ns-a"));
+    let mut names = r.worker_namespaces(w);
+    names.sort();
+    assert_eq!(names, vec!["_", "a"]);
+    // Names are checked.
+    assert!(matches!(r.ns(""), Err(Error::EmptyNamespace)));
+    assert!(matches!(r.ns("__clusterphone"), Err(Error::ReservedNamespace)));
+    let e = r.send_to(w, "", &(), None).send().unwrap_err();
+    assert!(matches!(e.error, Error::EmptyCommand));
+    r.shutdown(SECS).unwrap();
+}
+
+#[test]
+fn messages_queued_before_hello_keep_their_order() {
+    let _d = util::deadline(SECS * 3);
+    let mut r = Reactor::master().unwrap();
+    let readies: Rc<RefCell<Vec<WorkerId>>> = Rc::default();
+    let rd = readies.clone();
+    r.on_worker_event(move |_r, id, ev| {
+        if let WorkerEvent::Ready = ev {
+            rd.borrow_mut().push(id)
+        }
+    });
+    let w = r.spawn(util::worker_command("general")).unwrap();
+    assert!(!r.is_ready(w));
+    for i in 0..300u64 {
+        r.send_to(w, "num", &i, None).send().unwrap();
+    }
+    let (frames, bytes) = r.queue_depth(w).unwrap();
+    assert_eq!(frames, 300, "held until hello");
+    assert!(bytes > 0);
+    util::poll_until(&mut r, SECS, |r| r.is_ready(w));
+    assert_eq!(*readies.borrow(), vec![w]);
+    for i in 300..600u64 {
+        r.send_to(w, "num", &i, None).send().unwrap();
+    }
+    let seen: Vec<u64> = r.request(w, "report", &(), SECS).unwrap();
+    assert_eq!(seen, (0..600).collect::<Vec<_>>());
+    r.shutdown(SECS).unwrap();
+}
+
+#[test]
+fn unknown_command_and_namespace_are_reported_not_lost() {
+    let _d = util::deadline(SECS * 3);
+    let mut r = Reactor::master().unwrap();
+    let w = spawn_ready(&mut r, "general");
+    let e = r.request::<(), _>(w, "nope", &(), SECS).unwrap_err();
+    assert!(matches!(e, Error::Ack(AckError::NoHandler)), "{e:?}");
+    let e = r.ns("zzz").unwrap().request::<(), _>(w, "dual", &(), SECS).unwrap_err();
+    assert!(matches!(e, Error::Ack(AckError::UnknownNamespace)), "{e:?}");
+    // Unacked: the receiver counts it.
+    r.send_to(w, "nope", &(), None).send().unwrap();
+    r.ns("zzz").unwrap().send_to(w, "x", &(), None).send().unwrap();
+    let (unhandled, _, _): (u64, u64, u64) = r.request(w, "stats", &(), SECS).unwrap();
+    assert_eq!(unhandled, 4);
+    // And on the master: a hook hears of it.
+    let heard: Rc<RefCell<Vec<(String, String)>>> = Rc::default();
+    let h = heard.clone();
+    r.on_unhandled(move |_r, u| h.borrow_mut().push((u.namespace.clone(), u.command.clone())));
+    // Ask the worker to send us a command we have no handler for.
+    r.send_to(w, "echo-back", &5u64, None).send().unwrap();
+    util::poll_until(&mut r, SECS, |_| !heard.borrow().is_empty());
+    assert_eq!(heard.borrow()[0], ("_".to_string(), "echoed".to_string()));
+    assert_eq!(r.stats().unhandled, 1);
+    r.shutdown(SECS).unwrap();
+}
+
+#[test]
+fn sending_to_an_exited_worker_is_an_error() {
+    let _d = util::deadline(SECS * 3);
+    let mut r = Reactor::master().unwrap();
+    let events: Rc<RefCell<Vec<String>>> = Rc::default();
+    let ev = events.clone();
+    r.on_worker_event(move |_r, _id, e| ev.borrow_mut().push(format!("{e:?}")));
+    let w = r.spawn(util::worker_command("exit-now")).unwrap();
+    util::poll_until(&mut r, SECS, |r| r.workers().is_empty());
+    assert!(events.borrow().last().unwrap().contains("Exited"), "{:?}", events.borrow());
+    let e = r.send_to(w, "x", &1, None).send().unwrap_err();
+    assert!(matches!(e.error, Error::UnknownWorker(id) if id == w));
+    // An fd is handed back, still open.
+    let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let raw = a.as_raw_fd();
+    let e = r.send_to(w, "x", &1, Some(OwnedFd::from(a))).send().unwrap_err();
+    assert_eq!(e.fd.as_ref().map(|f| f.as_raw_fd()), Some(raw));
+    assert!(r.kill(w).is_err());
+}
+
+#[test]
+fn ten_thousand_messages_each_way_in_order() {
+    let _d = util::deadline(SECS * 6);
+    let mut r = Reactor::master().unwrap();
+    let got: Rc<RefCell<Vec<u64>>> = Rc::default();
+    let g = got.clone();
+    r.on("from-worker", move |_r, msg: Message<u64>| g.borrow_mut().push(msg.payload)).unwrap();
+    let w = spawn_ready(&mut r, "general");
+    for i in 0..10_000u64 {
+        r.send_to(w, "num", &i, None).send().unwrap();
+    }
+    let seen: Vec<u64> = r.request(w, "report", &(), SECS).unwrap();
+    assert_eq!(seen, (0..10_000).collect::<Vec<_>>());
+    r.send_to(w, "go", &10_000u64, None).send().unwrap();
+    util::poll_until(&mut r, SECS * 2, |_| got.borrow().len() >= 10_000);
+    assert_eq!(*got.borrow(), (0..10_000).collect::<Vec<_>>());
+    r.shutdown(SECS).unwrap();
+}
+
+#[test]
+fn zero_timeout_poll_never_blocks() {
+    let _d = util::deadline(SECS * 3);
+    let mut r = Reactor::master().unwrap();
+    let w = spawn_ready(&mut r, "general");
+    assert!(r.next_deadline().is_none(), "no timer armed: a blocking poll would wait forever");
+    for _ in 0..1000 {
+        r.poll(Some(Duration::ZERO)).unwrap();
+    }
+    assert!(r.is_ready(w));
+    r.shutdown(SECS).unwrap();
+}
+
+#[test]
+fn handlers_can_register_remove_and_send_reentrantly() {
+    let _d = util::deadline(SECS * 3);
+    let mut r = Reactor::master().unwrap();
+    let done = Rc::new(RefCell::new(0));
+    let d = done.clone();
+    r.on("setup-done", move |_r, _m: Message<()>| *d.borrow_mut() += 1).unwrap();
+    let w = spawn_ready(&mut r, "general");
+    r.request::<(), _>(w, "setup", &(), SECS).unwrap();
+    util::poll_until(&mut r, SECS, |_| *done.borrow() == 1);
+    assert_eq!(r.request::<String, _>(w, "later", &(), SECS).unwrap(), "later-ok");
+    assert_eq!(r.ns("late-ns").unwrap().request::<String, _>(w, "x", &(), SECS).unwrap(), "x-ok");
+    let e = r.request::<(), _>(w, "setup", &(), SECS).unwrap_err();
+    assert!(matches!(e, Error::Ack(AckError::NoHandler)), "{e:?}");
+    // The late namespace was announced to the master.
+    util::poll_until(&mut r, SECS, |r| r.worker_namespaces(w).iter().any(|n| n == "late-ns"));
+
+    // Master side: a handler spawns a worker and messages it, from inside the handler.
+    let spawned: Rc<RefCell<Option<WorkerId>>> = Rc::default();
+    let s = spawned.clone();
+    r.on("from-worker", move |r, _m: Message<u64>| {
+        if s.borrow().is_none() {
+            let nw = r.spawn(util::worker_command("general")).unwrap();
+            r.send_to(nw, "num", &42u64, None).send().unwrap();
+            assert!(matches!(r.poll(None), Err(Error::Reentrant)));
+            *s.borrow_mut() = Some(nw);
+        }
+    })
+    .unwrap();
+    r.send_to(w, "go", &1u64, None).send().unwrap();
+    util::poll_until(&mut r, SECS, |_| spawned.borrow().is_some());
+    let nw = spawned.borrow().unwrap();
+    assert_eq!(r.request::<Vec<u64>, _>(nw, "report", &(), SECS).unwrap(), vec![42]);
+    r.shutdown(SECS).unwrap();
+}
+
+#[test]
+fn a_worker_that_sends_and_exits_at_once_loses_nothing() {
+    let _d = util::deadline(SECS * 3);
+    let mut r = Reactor::master().unwrap();
+    let got: Rc<RefCell<Vec<u64>>> = Rc::default();
+    let g = got.clone();
+    r.on("burst", move |_r, msg: Message<u64>| g.borrow_mut().push(msg.payload)).unwrap();
+    let exited = Rc::new(RefCell::new(None));
+    let ex = exited.clone();
+    r.on_worker_event(move |_r, _id, e| {
+        if let WorkerEvent::Exited(s) = e {
+            *ex.borrow_mut() = Some(*s)
+        }
+    });
+    r.spawn(util::worker_command("burst-exit")).unwrap();
+    util::poll_until(&mut r, SECS, |_| exited.borrow().is_some());
+    assert_eq!(exited.borrow().unwrap().code(), Some(0));
+    assert_eq!(*got.borrow(), (0..1000).collect::<Vec<_>>());
+}
+
+#[test]
+fn attach_outside_a_worker_is_a_clear_error() {
+    let _d = util::deadline(SECS);
+    // This test process was not spawned by a master.
+    if !clusterphone::is_worker() {
+        assert!(matches!(Reactor::attach(), Err(Error::NotAWorker(_))));
+    }
+    // A variable that names something other than a Unix stream socket.
+    let status =
+        util::worker_command("attach-bad").env(clusterphone::ENV_FD, "0").stdin(Stdio::null()).status().unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn the_channel_is_not_inherited_by_grandchildren() {
+    let _d = util::deadline(SECS * 3);
+    let mut r = Reactor::master().unwrap();
+    let w = spawn_ready(&mut r, "general");
+    let fd: i32 = r.request(w, "channel-fd", &(), SECS).unwrap();
+    assert!(fd >= 0);
+    let clean: bool = r.request(w, "spawn-grandchild", &fd, SECS).unwrap();
+    assert!(clean, "grandchild saw the channel");
+    r.shutdown(SECS).unwrap();
+}
+
+#[test]
+fn master_fds_are_close_on_exec() {
+    let _d = util::deadline(SECS * 3);
+    let mut r = Reactor::master().unwrap();
+    let w = spawn_ready(&mut r, "general");
+    // Every fd the master holds for the reactor (epoll, socket, pidfd) is close-on-exec.
+    let mut checked = 0;
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let target = std::fs::read_link(entry.path()).unwrap_or_default().to_string_lossy().into_owned();
+        if target.starts_with("socket:") || target.contains("pidfd") || target.contains("eventpoll") {
+            let fd: i32 = entry.file_name().to_string_lossy().parse().unwrap();
+            // SAFETY: F_GETFD only queries the descriptor's flags.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+            if flags >= 0 {
+                assert!(flags & libc::FD_CLOEXEC != 0, "fd {fd} ({target}) is inheritable");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 3, "found only {checked} reactor fds");
+    r.kill(w).unwrap();
+    util::poll_until(&mut r, SECS, |r| r.workers().is_empty());
+}
+
+#[test]
+fn request_exit_kills_a_worker_that_ignores_it() {
+    let _d = util::deadline(SECS * 3);
+    let mut r = Reactor::master().unwrap();
+    let status = Rc::new(RefCell::new(None));
+    let st = status.clone();
+    r.on_worker_event(move |_r, _id, e| {
+        if let WorkerEvent::Exited(s) = e {
+            *st.borrow_mut() = Some(*s)
+        }
+    });
+    let polite = spawn_ready(&mut r, "general");
+    let stubborn = spawn_ready(&mut r, "ignore-exit");
+    r.request_exit(polite, SECS).unwrap();
+    util::poll_until(&mut r, SECS, |_| status.borrow().is_some());
+    assert_eq!(status.borrow_mut().take().unwrap().code(), Some(0));
+    r.request_exit(stubborn, Duration::from_millis(100)).unwrap();
+    util::poll_until(&mut r, SECS, |_| status.borrow().is_some());
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.borrow().unwrap().signal(), Some(libc::SIGKILL));
+    assert!(r.workers().is_empty());
+}
+
+#[test]
+fn a_panicking_handler_leaves_the_reactor_consistent() {
+    let _d = util::deadline(SECS * 3);
+    let mut r = Reactor::master().unwrap();
+    r.on("from-worker", |_r, msg: Message<u64>| {
+        if msg.payload == 1 {
+            panic!("handler panic on purpose");
+        }
+    })
+    .unwrap();
+    let count = Rc::new(RefCell::new(0));
+    let c = count.clone();
+    r.on("echoed", move |_r, _m: Message<u64>| *c.borrow_mut() += 1).unwrap();
+    let w = spawn_ready(&mut r, "general");
+    r.send_to(w, "go", &3u64, None).send().unwrap();
+    r.send_to(w, "echo-back", &1u64, None).send().unwrap();
+    let mut panics = 0;
+    while *count.borrow() == 0 {
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| r.poll(Some(Duration::from_millis(10)))));
+        if res.is_err() {
+            panics += 1;
+        }
+    }
+    assert_eq!(panics, 1);
+    // The handler is still registered and the frames after the panic were not lost.
+    assert!(r.has_handler("_", "from-worker"));
+    assert_eq!(r.request::<Vec<u64>, _>(w, "report", &(), SECS).unwrap(), Vec::<u64>::new());
+    r.shutdown(SECS).unwrap();
+}
+
+#[test]
+fn nests_in_a_foreign_poller_without_stalling() {
+    let _d = util::deadline(SECS * 3);
+    let mut config = Config::default();
+    config.frames_per_poll = 1; // force the fairness budget to bite
+    let mut r = Reactor::master_with(config).unwrap();
+    let got: Rc<RefCell<VecDeque<u64>>> = Rc::default();
+    let g = got.clone();
+    r.on("from-worker", move |_r, msg: Message<u64>| g.borrow_mut().push_back(msg.payload)).unwrap();
+    let w = r.spawn(util::worker_command("general")).unwrap();
+    r.send_to(w, "go", &200u64, None).send().unwrap();
+    // A hand-rolled outer loop: wait on the reactor's fd with libc::poll, honouring next_deadline.
+    while got.borrow().len() < 200 {
+        let timeout_ms = match r.next_deadline() {
+            Some(t) => t.saturating_duration_since(std::time::Instant::now()).as_millis() as i32,
+            None => -1,
+        };
+        let mut pfd = libc::pollfd { fd: r.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        assert!(n >= 0);
+        r.poll(Some(Duration::ZERO)).unwrap();
+    }
+    assert_eq!(got.borrow().iter().copied().collect::<Vec<_>>(), (0..200).collect::<Vec<_>>());
+    r.shutdown(SECS).unwrap();
+}
+
+#[test]
+fn spawn_and_send_are_role_checked() {
+    let mut r = Reactor::master().unwrap();
+    let e = r.send_to_master("x", &(), None).send().unwrap_err();
+    assert!(matches!(e.error, Error::WrongRole));
+}
