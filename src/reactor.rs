@@ -1005,7 +1005,6 @@ impl Reactor {
                 }
                 Timer::Hangup(id) => {
                     if let Some(link) = self.links.get_mut(id.key as usize).filter(|l| l.id == id) {
-                        link.hangup_timer = None;
                         let reason = link.hangup_reason.take().unwrap_or(DisconnectReason::Hangup);
                         if !self.check_exit(id.key as usize) {
                             self.link_down(id.key as usize, Down::Closed(reason));

@@ -1,0 +1,259 @@
+//! fd passing (SCM_RIGHTS) between real processes: a TCP connection handed
+//! from the master to a worker, a socket end handed from a worker to the
+//! master, and the not-ready rule (refusal hands the fd back; `force_queue`
+//! queues it until the worker says hello).
+
+mod util;
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::rc::Rc;
+use std::time::Duration;
+
+use clusterphone::{AckError, Error, Message, Peer, Reactor};
+
+const REQ: Duration = Duration::from_secs(10);
+/// How long a reader waits for EOF: EOF comes only once every copy of the
+/// other end is closed, so a leaked copy turns into a read timeout.
+const READ_LIMIT: Duration = Duration::from_secs(5);
+
+/// Whether `fd` is open and close-on-exec.
+fn cloexec(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only queries the descriptor's flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    assert!(flags >= 0, "fd {fd} is not open: {}", std::io::Error::last_os_error());
+    flags & libc::FD_CLOEXEC != 0
+}
+
+/// Whether descriptor number `fd` is open in this process.
+fn is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only queries; it fails with EBADF on a closed fd.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+}
+
+/// Reads until EOF, failing after `READ_LIMIT`.
+fn read_to_eof(s: &mut UnixStream) -> String {
+    s.set_read_timeout(Some(READ_LIMIT)).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("EOF within the limit: every other copy of the socket must be closed");
+    text
+}
+
+fn greeting(pid: u32, what: &str) -> String {
+    format!("hello from worker {pid}: {what}\n")
+}
+
+// ----- the worker -------------------------------------------------------
+
+#[test]
+fn worker_entry() {
+    let Some(role) = util::role() else { return };
+    util::worker_watchdog();
+    let mut r = Reactor::attach().expect("attach");
+    match role.as_str() {
+        "fdworker" => fd_worker(&mut r),
+        other => panic!("unknown role {other}"),
+    }
+    util::serve(&mut r);
+}
+
+fn fd_worker(r: &mut Reactor) {
+    let pid = std::process::id();
+    // Writes a greeting through the fd that came with the message, then
+    // closes it; replies with (pid, whether the fd arrived close-on-exec).
+    r.on("greet", move |_r, msg: Message<String>| {
+        assert_eq!(msg.from, Peer::Master);
+        let Some(fd) = msg.fd else { return msg.reply.err("no fd came with the message") };
+        let cloexec = cloexec(fd.as_raw_fd());
+        let mut f = File::from(fd);
+        match f.write_all(greeting(pid, &msg.payload).as_bytes()) {
+            Ok(()) => {
+                drop(f);
+                let _ = msg.reply.ok(&(pid, cloexec));
+            }
+            Err(e) => msg.reply.err(format!("write through the fd failed: {e}")),
+        }
+    })
+    .unwrap();
+
+    // Makes a socket pair, writes into one end, sends the other to the
+    // master and keeps ours for "read-back".
+    let kept: Rc<RefCell<Option<UnixStream>>> = Rc::default();
+    let k = kept.clone();
+    r.on("give-end", move |r, msg: Message<()>| {
+        let (mut ours, theirs) = UnixStream::pair().unwrap();
+        ours.write_all(format!("ping from worker {pid}\n").as_bytes()).unwrap();
+        if let Err(e) = r.send_to_master("end", &pid, Some(OwnedFd::from(theirs))).send() {
+            return msg.reply.err(format!("send_to_master refused: {e}"));
+        }
+        *k.borrow_mut() = Some(ours);
+        let _ = msg.reply.ok(&pid);
+    })
+    .unwrap();
+    // Reads what the master wrote into the end it got, up to EOF: that EOF
+    // needs the master's copy closed *and* the copy this worker sent closed.
+    r.on("read-back", move |_r, msg: Message<()>| {
+        let Some(mut ours) = kept.borrow_mut().take() else { return msg.reply.err("no end kept") };
+        ours.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut text = String::new();
+        match ours.read_to_string(&mut text) {
+            Ok(_) => {
+                let _ = msg.reply.ok(&text);
+            }
+            Err(e) => msg.reply.err(format!("no EOF on the kept end ({e}); read so far {text:?}")),
+        }
+    })
+    .unwrap();
+}
+
+// ----- the tests --------------------------------------------------------
+
+/// (sender, payload, fd) of a message the master received.
+type Received = (Peer, u32, Option<OwnedFd>);
+
+fn ready_worker(r: &mut Reactor) -> clusterphone::WorkerId {
+    let w = r.spawn(util::worker_command("fdworker")).expect("spawn");
+    util::poll_until(r, Duration::from_secs(10), |r| r.is_ready(w));
+    w
+}
+
+/// The classic use: the master accepts a TCP connection and hands it to a
+/// worker, which answers the client directly.
+#[test]
+fn tcp_connection_handed_to_worker() {
+    let _d = util::deadline(Duration::from_secs(30));
+    let mut r = Reactor::master().unwrap();
+    let w = ready_worker(&mut r);
+    let worker_pid = r.worker_pid(w).expect("pid");
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(READ_LIMIT)).unwrap();
+        let mut text = String::new();
+        // EOF only once the worker's and the master's copies are both closed.
+        let res = s.read_to_string(&mut text);
+        (res.map_err(|e| e.to_string()), text)
+    });
+    let (conn, peer) = listener.accept().expect("accept");
+    assert_eq!(peer.ip(), addr.ip());
+
+    let (pid, cloexec): (u32, bool) =
+        r.send_to(w, "greet", "tcp client", Some(OwnedFd::from(conn))).within(REQ).wait().expect("greet");
+    assert_eq!(pid, worker_pid, "the worker reports its own pid");
+    assert!(cloexec, "an fd received by the worker must be close-on-exec");
+
+    let (res, text) = client.join().expect("client thread");
+    assert_eq!(res, Ok(text.len()), "client read failed; got {text:?}");
+    assert_eq!(text, greeting(worker_pid, "tcp client"));
+    r.shutdown(Duration::from_secs(2)).unwrap();
+}
+
+/// A worker sends a socket end to the master; the master reads and writes
+/// through it and closes it; the worker then sees the master's bytes and EOF.
+#[test]
+fn socket_end_sent_from_worker_to_master() {
+    let _d = util::deadline(Duration::from_secs(30));
+    let mut r = Reactor::master().unwrap();
+    let got: Rc<RefCell<Vec<Received>>> = Rc::default();
+    let g = got.clone();
+    r.on("end", move |_r, msg: Message<u32>| g.borrow_mut().push((msg.from, msg.payload, msg.fd))).unwrap();
+    let w = ready_worker(&mut r);
+    let worker_pid = r.worker_pid(w).expect("pid");
+
+    // The worker queues "end" before its reply, so it is handled first.
+    let pid: u32 = r.request(w, "give-end", &(), REQ).expect("give-end");
+    assert_eq!(pid, worker_pid);
+    let (from, payload, fd) = got.borrow_mut().pop().expect("the end arrived before the reply");
+    assert!(got.borrow().is_empty());
+    assert_eq!(from, Peer::Worker(w));
+    assert_eq!(payload, worker_pid);
+    let fd = fd.expect("the message carried an fd");
+    assert!(cloexec(fd.as_raw_fd()), "an fd received by the master must be close-on-exec");
+
+    let mut end = UnixStream::from(fd);
+    end.set_read_timeout(Some(READ_LIMIT)).unwrap();
+    let expected = format!("ping from worker {worker_pid}\n");
+    let mut buf = vec![0u8; expected.len()];
+    end.read_exact(&mut buf).expect("read the worker's bytes through the received fd");
+    assert_eq!(String::from_utf8(buf).unwrap(), expected);
+    end.write_all(b"pong from master\n").unwrap();
+    drop(end);
+
+    let text: String = r.request(w, "read-back", &(), REQ).expect("read-back");
+    assert_eq!(text, "pong from master\n");
+    r.shutdown(Duration::from_secs(2)).unwrap();
+}
+
+/// An fd for a worker that has not said hello is refused with `NotReady`
+/// and handed back open; `force_queue` queues it until the worker is ready.
+#[test]
+fn fd_to_unready_worker_is_refused_unless_forced() {
+    let _d = util::deadline(Duration::from_secs(30));
+    let mut r = Reactor::master().unwrap();
+    let w = r.spawn(util::worker_command("fdworker")).expect("spawn");
+    // No poll yet: the worker's hello cannot have been read.
+    assert!(!r.is_ready(w));
+
+    // Refused by every terminal, the fd handed back each time.
+    let (mut ours, theirs) = UnixStream::pair().unwrap();
+    let raw = theirs.as_raw_fd();
+    let err = r.send_to(w, "greet", "refused", Some(OwnedFd::from(theirs))).send().unwrap_err();
+    assert!(matches!(err.error, Error::NotReady(id) if id == w), "{err:?}");
+    let back = err.fd.expect("the fd is handed back");
+    assert_eq!(back.as_raw_fd(), raw, "the very same descriptor comes back");
+    let err = r.send_to(w, "greet", "refused", Some(back)).within(REQ).handle::<(u32, bool)>().err().unwrap();
+    assert!(matches!(err.error, Error::NotReady(id) if id == w), "{err:?}");
+    let called = Rc::new(RefCell::new(false));
+    let c = called.clone();
+    let err = r
+        .send_to(w, "greet", "refused", err.into_fd())
+        .ackd(move |_r, _res: Result<(u32, bool), AckError>| *c.borrow_mut() = true)
+        .unwrap_err();
+    assert!(matches!(err.error, Error::NotReady(id) if id == w), "{err:?}");
+    let back = err.into_fd().expect("the fd is handed back");
+    assert_eq!(back.as_raw_fd(), raw);
+    assert_eq!(r.queue_depth(w), Some((0, 0)), "nothing was queued");
+    assert_eq!(r.stats().messages_sent, 0);
+    assert_eq!(r.pending_acks(), 0);
+
+    // Still open and usable: write through it, read at the other end.
+    let mut back = UnixStream::from(back);
+    back.write_all(b"still mine\n").unwrap();
+    ours.set_read_timeout(Some(READ_LIMIT)).unwrap();
+    let mut buf = [0u8; 11];
+    ours.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"still mine\n");
+
+    // Forced: queued now, written once the worker says hello.
+    let (mut ours2, theirs2) = UnixStream::pair().unwrap();
+    let raw2 = theirs2.as_raw_fd();
+    let handle = r
+        .send_to(w, "greet", "forced", Some(OwnedFd::from(theirs2)))
+        .force_queue()
+        .within(REQ)
+        .handle::<(u32, bool)>()
+        .expect("force_queue accepts an fd for an unready worker");
+    assert!(!r.is_ready(w));
+    assert_eq!(r.queue_depth(w).map(|(frames, _)| frames), Some(1));
+    assert!(is_open(raw2), "the queued fd stays open in the master until sent");
+    util::poll_until(&mut r, REQ, |_| handle.is_done());
+    let (pid, cloexec) = handle.take().unwrap().expect("forced greet acknowledged");
+    assert_eq!(Some(pid), r.worker_pid(w));
+    assert!(cloexec, "an fd received by the worker must be close-on-exec");
+    assert!(r.is_ready(w));
+    assert_eq!(read_to_eof(&mut ours2), greeting(pid, "forced"));
+
+    // The handed-back fd still works as a message's fd, now without forcing.
+    let (pid2, _): (u32, bool) =
+        r.send_to(w, "greet", "handed back", Some(OwnedFd::from(back))).within(REQ).wait().expect("greet");
+    assert_eq!(pid2, pid);
+    assert_eq!(read_to_eof(&mut ours), greeting(pid, "handed back"));
+    assert!(!*called.borrow(), "a refused send's callback is never called");
+    r.shutdown(Duration::from_secs(2)).unwrap();
+}
