@@ -37,9 +37,11 @@ pub(crate) fn decode_outcome<R: DeserializeOwned>(o: Outcome) -> Result<R, AckEr
     o.and_then(|r| ciborium::from_reader(&r.0[..]).map_err(|e| AckError::BadReply(e.to_string())))
 }
 
+type AckCallback = Box<dyn FnOnce(&mut Reactor, Outcome)>;
+
 /// How the reactor delivers an outcome.
 pub(crate) enum Completion {
-    Callback(Box<dyn FnOnce(&mut Reactor, Outcome)>),
+    Callback(AckCallback),
     Handle(Rc<RefCell<Option<Outcome>>>),
 }
 
@@ -227,13 +229,10 @@ impl Responder {
         let mut buf = Vec::new();
         let env = Envelope { kind: Kind::Reply, flags: 0, nfds: 0, seq: inner.seq, ns: "", cmd: "" };
         let max = inner.outbox.borrow().max_frame;
-        let result = codec::encode(&mut buf, env, reply).and_then(|()| {
-            if buf.len() > max {
-                Err(Error::FrameTooLarge { size: buf.len(), max })
-            } else {
-                Ok(())
-            }
-        });
+        let result = match codec::encode(&mut buf, env, reply) {
+            Ok(()) if buf.len() > max => Err(Error::FrameTooLarge { size: buf.len(), max }),
+            other => other,
+        };
         match result {
             Ok(()) => {
                 inner.outbox.borrow_mut().frames.push((inner.link, buf));

@@ -281,7 +281,7 @@ impl Decoder {
             }
             return Ok(None);
         }
-        if avail >= LEN_FIELD + 1 && self.buf[self.start + LEN_FIELD] != MAGIC {
+        if avail > LEN_FIELD && self.buf[self.start + LEN_FIELD] != MAGIC {
             return Err(ProtocolError::BadMagic(self.buf[self.start + LEN_FIELD]));
         }
         if avail < LEN_FIELD {

@@ -35,6 +35,8 @@ fn worker_entry() {
             let copy = unsafe { libc::dup(raw) };
             assert!(copy >= 0);
             let mut r = Reactor::attach().unwrap();
+            // Orphaned on purpose when we die; the test kills it and init reaps it.
+            #[allow(clippy::zombie_processes)]
             let gc = std::process::Command::new("sleep").arg("20").spawn().unwrap();
             r.send_to_master("grandchild", &gc.id(), None).send().unwrap();
             r.on("die", |_r, _m: Message<()>| std::process::exit(3)).unwrap();
@@ -252,7 +254,8 @@ fn kill_9_fails_a_thousand_acks_exactly_once_while_another_worker_answers() {
     let mut r = master_with_double();
     let victim = spawn_ready(&mut r, "answerer");
     let other = spawn_ready(&mut r, "answerer");
-    let outcomes: Rc<RefCell<HashMap<usize, Vec<Result<u64, AckError>>>>> = Rc::default();
+    type Outcomes = HashMap<usize, Vec<Result<u64, AckError>>>;
+    let outcomes: Rc<RefCell<Outcomes>> = Rc::default();
     for i in 0..1000 {
         let o = outcomes.clone();
         r.send_to(victim, "hold", &(i as u64), None)

@@ -40,7 +40,7 @@ fn worker_entry() {
         }
         "grandchild" => {
             // Must not have inherited the channel: no variable, and the parent's fd number closed.
-            let fd: i32 = std::env::args().last().unwrap().parse().unwrap();
+            let fd: i32 = std::env::args().next_back().unwrap().parse().unwrap();
             // SAFETY: F_GETFD on an arbitrary number only queries; EBADF if not open.
             let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
             std::process::exit(if !clusterphone::is_worker() && !open { 0 } else { 1 });

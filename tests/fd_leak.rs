@@ -181,8 +181,11 @@ fn both_directions(r: &mut Reactor) {
 
     let worker_after: usize = r.request(w, "open-fds", &(), REQ).expect("open-fds");
     let master_after = util::open_fds();
-    assert_eq!(master_after, master_before, "fds leaked in the master");
-    assert_eq!(worker_after, worker_before, "fds leaked in the worker");
+    assert_eq!(
+        (master_after, worker_after),
+        (master_before, worker_before),
+        "open fds (master, worker) after vs before: a leak on either side"
+    );
 
     r.request_exit(w, Duration::from_secs(2)).unwrap();
     wait_gone(r, w);

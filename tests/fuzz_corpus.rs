@@ -97,7 +97,7 @@ fn decoder_seeds() -> Vec<(&'static str, Vec<u8>)> {
     };
     let bad_utf8_cmd = {
         let mut v = frame(Kind::Message, 0, 0, 3, "ns", "c\u{e9}", &());
-        v[20 + 2 + 1] = 0xc3; // "c" 0xc3 0xc3: a lead byte followed by another lead byte
+        v[20 + 2 + 2] = 0xc3; // "c" 0xc3 0xc3: a lead byte followed by another lead byte
         v
     };
     let names_overflow = {
@@ -257,7 +257,7 @@ fn seeds_reach_the_outcomes_they_are_named_for() {
     let expect = [
         ("bad_magic", ProtocolError::BadMagic(0)),
         ("unknown_kind", ProtocolError::UnknownKind(7)),
-        ("length_below_header", ProtocolError::BadLength(6)),
+        ("length_below_header", ProtocolError::BadLength(10)),
         ("bad_utf8_ns", ProtocolError::BadName),
         ("bad_utf8_cmd", ProtocolError::BadName),
         ("nfds1_without_fd", ProtocolError::MissingFds),
