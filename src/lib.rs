@@ -189,3 +189,8 @@ impl Ns<'_> {
         self.send_to_master(cmd, payload, None).within(timeout).wait()
     }
 }
+
+/// The README's examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
