@@ -167,6 +167,8 @@ impl<T: Serialize + ?Sized> Outgoing<'_, T> {
 
     /// Sends and drives `poll` until the reply or the failure (blocking).
     /// Not allowed inside a handler ([`Error::Reentrant`]).
+    /// If the send is refused, the fd (if any) is closed: use `.handle()` or
+    /// `.send()` to get it back in [`SendError::fd`].
     pub fn wait<R: DeserializeOwned>(self) -> Result<R, Error> {
         if self.reactor.in_callback() {
             return Err(Error::Reentrant);

@@ -92,6 +92,9 @@ impl<T> Wheel<T> {
         slot.swap_remove(pos);
         if let Some(&moved) = slot.get(pos) {
             self.entries[moved].pos = pos;
+        } else if slot.is_empty() && slot.capacity() > 16 {
+            // A burst left this slot large: give the memory back.
+            *slot = Vec::new();
         }
         if self.entries.is_empty() {
             self.earliest = None;
