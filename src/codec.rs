@@ -197,7 +197,7 @@ impl Decoder {
         if pending >= LEN_FIELD {
             let len = self.frame_len_at(self.start);
             if len <= self.max_frame {
-                want = want.max(len - pending);
+                want = want.max(len.saturating_sub(pending));
             }
         }
         if self.buf.len() - self.end < want {
