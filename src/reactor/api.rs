@@ -1,0 +1,342 @@
+//! The user-facing API: handlers, namespaces, sending, and the worker's hello.
+
+use super::*;
+
+impl Reactor {
+    // ----- handlers -------------------------------------------------------
+
+    /// Registers `handler` for `cmd` in the default namespace, replacing any
+    /// handler that was there. The payload is decoded into `T`; a payload that
+    /// does not decode is answered with [`AckError::BadPayload`] (or counted
+    /// as unhandled if no ack was asked for) and the handler is not called.
+    ///
+    /// ```no_run
+    /// # let mut reactor = clusterphone::Reactor::master()?;
+    /// reactor.on("add", |_reactor, msg: clusterphone::Message<(i64, i64)>| {
+    ///     let (a, b) = msg.payload;
+    ///     let _ = msg.reply.ok(&(a + b));
+    /// })?;
+    /// # Ok::<(), clusterphone::Error>(())
+    /// ```
+    pub fn on<T, F>(&mut self, cmd: &str, handler: F) -> Result<(), Error>
+    where
+        T: DeserializeOwned + 'static,
+        F: FnMut(&mut Reactor, Message<T>) + 'static,
+    {
+        self.on_in(DEFAULT_NAMESPACE, cmd, handler)
+    }
+
+    pub(crate) fn on_in<T, F>(&mut self, ns: &str, cmd: &str, mut handler: F) -> Result<(), Error>
+    where
+        T: DeserializeOwned + 'static,
+        F: FnMut(&mut Reactor, Message<T>) + 'static,
+    {
+        check_command(cmd)?;
+        let wrapped =
+            Box::new(move |r: &mut Reactor, inc: Incoming<'_>| match ciborium::from_reader::<T, _>(inc.payload) {
+                Ok(payload) => handler(r, Message { from: inc.from, payload, fd: inc.fd, reply: inc.responder }),
+                Err(e) => {
+                    let text = e.to_string();
+                    if inc.responder.wanted() {
+                        inc.responder.fail_code(fail::BAD_PAYLOAD, &text);
+                    }
+                    r.note_unhandled(inc.from, inc.ns, inc.cmd, AckError::BadPayload(text));
+                }
+            });
+        let new_space = self.handlers.insert(ns, cmd, wrapped);
+        if new_space && self.role == Role::Worker && self.hello_sent {
+            self.announce_namespace(ns);
+        }
+        Ok(())
+    }
+
+    /// Removes the handler for `cmd` in the default namespace. Returns whether there was one.
+    pub fn off(&mut self, cmd: &str) -> bool {
+        self.handlers.remove(DEFAULT_NAMESPACE, cmd)
+    }
+
+    pub(crate) fn off_in(&mut self, ns: &str, cmd: &str) -> bool {
+        self.handlers.remove(ns, cmd)
+    }
+
+    /// Whether a handler is registered for `cmd` in namespace `ns`.
+    pub fn has_handler(&self, ns: &str, cmd: &str) -> bool {
+        self.handlers.contains(ns, cmd)
+    }
+
+    /// A view of this reactor inside namespace `name`: the same API, with
+    /// handlers and messages kept apart from every other namespace.
+    ///
+    /// ```no_run
+    /// # let mut reactor = clusterphone::Reactor::master()?;
+    /// reactor.ns("myapp")?.on("foo", |_r, _msg: clusterphone::Message<String>| {})?;
+    /// # Ok::<(), clusterphone::Error>(())
+    /// ```
+    pub fn ns(&mut self, name: &str) -> Result<Ns<'_>, Error> {
+        check_namespace(name)?;
+        Ok(Ns { reactor: self, name: name.to_owned() })
+    }
+
+    /// Called for every worker event (ready, disconnected, exited), on the master.
+    pub fn on_worker_event(&mut self, hook: impl FnMut(&mut Reactor, WorkerId, &WorkerEvent) + 'static) {
+        self.worker_hook = Some(Box::new(hook));
+    }
+
+    /// Called for every message that no handler took (and that asked for no
+    /// ack, or whose sender was told why).
+    pub fn on_unhandled(&mut self, hook: impl FnMut(&mut Reactor, &Unhandled) + 'static) {
+        self.unhandled_hook = Some(Box::new(hook));
+    }
+
+    // ----- sending --------------------------------------------------------
+
+    /// Starts a message to `worker` in the default namespace (master only).
+    /// Finish it with `.send()`, `.ackd(..)`, `.handle()` or `.wait()`.
+    ///
+    /// `fd` travels with the message; the reactor owns it from now on and
+    /// closes its copy once sent, or hands it back in the error if the send
+    /// is refused.
+    pub fn send_to<'a, T: Serialize + ?Sized>(
+        &'a mut self,
+        worker: WorkerId,
+        cmd: &'a str,
+        payload: &'a T,
+        fd: Option<OwnedFd>,
+    ) -> Outgoing<'a, T> {
+        self.outgoing(Target::Worker(worker), DEFAULT_NAMESPACE, cmd, payload, fd)
+    }
+
+    /// Starts a message to the master in the default namespace (worker only).
+    pub fn send_to_master<'a, T: Serialize + ?Sized>(
+        &'a mut self,
+        cmd: &'a str,
+        payload: &'a T,
+        fd: Option<OwnedFd>,
+    ) -> Outgoing<'a, T> {
+        self.outgoing(Target::Master, DEFAULT_NAMESPACE, cmd, payload, fd)
+    }
+
+    pub(crate) fn outgoing<'a, T: Serialize + ?Sized>(
+        &'a mut self,
+        target: Target,
+        ns: &'a str,
+        cmd: &'a str,
+        payload: &'a T,
+        fd: Option<OwnedFd>,
+    ) -> Outgoing<'a, T> {
+        let options = SendOptions { timeout: None, force_queue: false };
+        Outgoing { reactor: self, target, ns, cmd, payload, fd, options }
+    }
+
+    /// Sends a request to `worker` and polls until its reply (blocking).
+    /// Not allowed inside a handler.
+    pub fn request<R: DeserializeOwned, T: Serialize + ?Sized>(
+        &mut self,
+        worker: WorkerId,
+        cmd: &str,
+        payload: &T,
+        timeout: Duration,
+    ) -> Result<R, Error> {
+        self.send_to(worker, cmd, payload, None).within(timeout).wait()
+    }
+
+    /// Sends a request to the master and polls until its reply (blocking).
+    pub fn request_master<R: DeserializeOwned, T: Serialize + ?Sized>(
+        &mut self,
+        cmd: &str,
+        payload: &T,
+        timeout: Duration,
+    ) -> Result<R, Error> {
+        self.send_to_master(cmd, payload, None).within(timeout).wait()
+    }
+
+    /// Sets the default ack timeout. Zero, or more than a day, is refused.
+    pub fn set_ack_timeout(&mut self, timeout: Duration) -> Result<(), Error> {
+        self.config.ack_timeout = check_timeout(timeout)?;
+        Ok(())
+    }
+
+    pub(crate) fn in_callback(&self) -> bool {
+        self.depth > 0
+    }
+
+    pub(super) fn resolve(&self, target: Target) -> Result<usize, Error> {
+        match (self.role, target) {
+            (Role::Master, Target::Worker(id)) => match self.links.get(id.key as usize) {
+                Some(l) if l.id == id && l.conn.is_some() => Ok(id.key as usize),
+                _ => Err(Error::UnknownWorker(id)),
+            },
+            (Role::Worker, Target::Master) => match self.links.get(0) {
+                Some(l) if l.conn.is_some() => Ok(0),
+                _ => Err(Error::Disconnected),
+            },
+            _ => Err(Error::WrongRole),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn submit<T: Serialize + ?Sized>(
+        &mut self,
+        target: Target,
+        ns: &str,
+        cmd: &str,
+        payload: &T,
+        fd: Option<OwnedFd>,
+        options: SendOptions,
+        done: Option<Completion>,
+    ) -> Result<(), SendError> {
+        if let Err(e) = check_command(cmd) {
+            return Err(SendError::new(e, fd));
+        }
+        let timeout = match options.timeout.map(check_timeout) {
+            None => self.config.ack_timeout,
+            Some(Ok(t)) => t,
+            Some(Err(e)) => return Err(SendError::new(e, fd)),
+        };
+        self.drain_outbox();
+        if self.role == Role::Worker {
+            self.ensure_hello();
+        }
+        let key = match self.resolve(target) {
+            Ok(k) => k,
+            Err(e) => return Err(SendError::new(e, fd)),
+        };
+        let (max_frame, max_bytes, max_fds) =
+            (self.config.max_frame, self.config.max_queue_bytes, self.config.max_queue_fds);
+        let link = &mut self.links[key];
+        let id = link.id;
+        if fd.is_some() && !link.ready && !options.force_queue {
+            return Err(SendError::new(Error::NotReady(id), fd));
+        }
+        let Some(conn) = link.conn.as_mut() else { return Err(SendError::new(Error::UnknownWorker(id), fd)) };
+        if conn.queued_bytes() >= max_bytes || (fd.is_some() && conn.queued_fds() >= max_fds) {
+            return Err(SendError::new(Error::QueueFull, fd));
+        }
+        let seq = link.next_seq;
+        let flags = if done.is_some() { codec::FLAG_ACK } else { 0 };
+        let env = Envelope { kind: Kind::Message, flags, nfds: u8::from(fd.is_some()), seq, ns, cmd };
+        let mut buf = conn.buffer();
+        if let Err(e) = codec::encode(&mut buf, env, payload) {
+            conn.recycle(buf);
+            return Err(SendError::new(e, fd));
+        }
+        if buf.len() > max_frame || buf.len() > max_bytes {
+            let size = buf.len();
+            conn.recycle(buf);
+            return Err(SendError::new(Error::FrameTooLarge { size, max: max_frame.min(max_bytes) }, fd));
+        }
+        link.next_seq += 1;
+        let qseq = conn.push(buf, fd);
+        if let Some(done) = done {
+            let ack = self.acks.vacant_key();
+            self.ack_serial += 1;
+            let serial = self.ack_serial;
+            let timer = self.timers.insert(Instant::now() + timeout, Timer::Ack(ack, serial));
+            self.acks.insert(PendingAck { serial, link: id, seq, qseq, timer, done });
+            link.pending.insert(seq, ack);
+        }
+        self.stats.messages_sent += 1;
+        self.after_push(key);
+        Ok(())
+    }
+
+    /// Writes a link's queue now if that is allowed, else marks it for later.
+    pub(super) fn after_push(&mut self, key: usize) {
+        let link = &mut self.links[key];
+        if !link.ready || link.conn.as_ref().is_none_or(|c| c.blocked) {
+            return;
+        }
+        if self.depth > 0 {
+            if !link.dirty {
+                link.dirty = true;
+                self.dirty.push(key);
+            }
+            return;
+        }
+        self.flush_link(key);
+    }
+
+    /// Writes what the socket takes. Failures are recorded and handled by
+    /// the next `poll`, so user callbacks never run inside a send.
+    pub(super) fn flush_link(&mut self, key: usize) {
+        let Some(link) = self.links.get_mut(key) else { return };
+        link.dirty = false;
+        if !link.ready {
+            return;
+        }
+        let id = link.id;
+        let Some(conn) = link.conn.as_mut() else { return };
+        let before = conn.frames_written;
+        let bytes_before = conn.bytes_written;
+        let r = conn.flush();
+        self.stats.frames_written += conn.frames_written - before;
+        self.stats.bytes_written += conn.bytes_written - bytes_before;
+        match r {
+            Ok(Flushed::All) | Ok(Flushed::Blocked) => {}
+            Ok(Flushed::TooManyRefs) => {
+                if link.retry_timer.is_none() {
+                    link.retry_timer = Some(self.timers.insert(Instant::now() + WRITE_RETRY, Timer::WriteRetry(id)));
+                }
+            }
+            Err(e) => self.broken.push((id, e)),
+        }
+    }
+
+    pub(super) fn flush_dirty(&mut self) {
+        while let Some(key) = self.dirty.pop() {
+            self.flush_link(key);
+        }
+    }
+
+    /// Moves replies queued by responders into their links' queues.
+    pub(super) fn drain_outbox(&mut self) {
+        if self.outbox.borrow().frames.is_empty() {
+            return;
+        }
+        let frames = std::mem::take(&mut self.outbox.borrow_mut().frames);
+        for (id, buf) in frames {
+            let Some(link) = self.links.get_mut(id.key as usize) else { continue };
+            if link.id != id {
+                continue;
+            }
+            let Some(conn) = link.conn.as_mut() else { continue };
+            conn.push(buf, None);
+            self.stats.acks_sent += 1;
+            self.after_push(id.key as usize);
+        }
+    }
+
+    // ----- worker side ----------------------------------------------------
+
+    pub(crate) fn ensure_hello(&mut self) {
+        if self.hello_sent {
+            return;
+        }
+        self.hello_sent = true;
+        let namespaces = self.handlers.namespaces();
+        self.push_control(0, Kind::Hello, "", &(PROTOCOL_VERSION, namespaces));
+    }
+
+    pub(super) fn announce_namespace(&mut self, ns: &str) {
+        self.push_control(0, Kind::Namespace, ns, &());
+    }
+
+    /// Queues a control frame on link `key` (no ack, no fd).
+    pub(super) fn push_control<T: Serialize + ?Sized>(&mut self, key: usize, kind: Kind, ns: &str, body: &T) {
+        let Some(conn) = self.links.get_mut(key).and_then(|l| l.conn.as_mut()) else { return };
+        let mut buf = conn.buffer();
+        let env = Envelope { kind, flags: 0, nfds: 0, seq: 0, ns, cmd: "" };
+        if codec::encode(&mut buf, env, body).is_ok() {
+            conn.push(buf, None);
+            self.after_push(key);
+        }
+    }
+}
+
+fn check_timeout(t: Duration) -> Result<Duration, Error> {
+    if t.is_zero() || t > MAX_TIMEOUT {
+        Err(Error::InvalidTimeout)
+    } else {
+        Ok(t)
+    }
+}

@@ -1,0 +1,191 @@
+//! Flushing, the master's view of its workers, exits, shutdown and drop.
+
+use super::*;
+
+impl Reactor {
+    // ----- lifecycle ------------------------------------------------------
+
+    /// Drives `poll` until every write queue is empty, or fails with
+    /// [`Error::FlushTimeout`]. Handlers keep running meanwhile. A worker
+    /// should flush before it exits, or queued frames are lost with the process.
+    pub fn flush(&mut self, timeout: Duration) -> Result<(), Error> {
+        if self.depth > 0 {
+            return Err(Error::Reentrant);
+        }
+        if self.role == Role::Worker {
+            self.ensure_hello();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.drain_outbox();
+            for key in 0..self.links.capacity() {
+                if self.links.contains(key) {
+                    self.flush_link(key);
+                }
+            }
+            let queued =
+                self.links.iter().any(|(_, l)| l.ready && l.conn.as_ref().is_some_and(|c| c.queued_frames() > 0));
+            if !queued {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::FlushTimeout);
+            }
+            self.turn(Some(deadline - now))?;
+            if let Some(p) = self.panic.take() {
+                panic::resume_unwind(p);
+            }
+        }
+    }
+
+    /// Counters since this reactor was made.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Acks still waiting for an outcome.
+    pub fn pending_acks(&self) -> usize {
+        self.acks.len()
+    }
+
+    // ----- master side ----------------------------------------------------
+
+    /// The workers this master knows of: running, starting, or disconnected
+    /// but not yet reaped.
+    pub fn workers(&self) -> Vec<WorkerId> {
+        self.links.iter().map(|(_, l)| l.id).collect()
+    }
+
+    pub(super) fn link(&self, id: WorkerId) -> Option<&Link> {
+        self.links.get(id.key as usize).filter(|l| l.id == id && self.role == Role::Master)
+    }
+
+    /// Whether `worker` has said hello (messages to it are written, not held).
+    pub fn is_ready(&self, worker: WorkerId) -> bool {
+        self.link(worker).is_some_and(|l| l.ready && l.conn.is_some())
+    }
+
+    /// The worker's process id.
+    pub fn worker_pid(&self, worker: WorkerId) -> Option<u32> {
+        self.link(worker).and_then(|l| l.child.as_ref()).map(|c| c.id())
+    }
+
+    /// Namespaces the worker has handlers in, as it announced them.
+    pub fn worker_namespaces(&self, worker: WorkerId) -> Vec<String> {
+        self.link(worker).map(|l| l.namespaces.clone()).unwrap_or_default()
+    }
+
+    /// Frames and bytes waiting in the write queue to `worker`.
+    pub fn queue_depth(&self, worker: WorkerId) -> Option<(usize, usize)> {
+        self.link(worker).and_then(|l| l.conn.as_ref()).map(|c| (c.queued_frames(), c.queued_bytes()))
+    }
+
+    /// Frames and bytes waiting in the write queue to the master (worker side).
+    pub fn master_queue_depth(&self) -> Option<(usize, usize)> {
+        if self.role != Role::Worker {
+            return None;
+        }
+        self.links.get(0).and_then(|l| l.conn.as_ref()).map(|c| (c.queued_frames(), c.queued_bytes()))
+    }
+
+    /// Sends SIGKILL to `worker`. Its exit is reported by a later `poll`.
+    pub fn kill(&mut self, worker: WorkerId) -> Result<(), Error> {
+        let link = self.links.get_mut(worker.key as usize).filter(|l| l.id == worker);
+        let child = link.and_then(|l| l.child.as_mut()).ok_or(Error::UnknownWorker(worker))?;
+        child.kill()?;
+        Ok(())
+    }
+
+    /// Asks `worker` to exit (its `poll` returns [`Error::ExitRequested`]),
+    /// and kills it if it has not exited after `grace`.
+    pub fn request_exit(&mut self, worker: WorkerId, grace: Duration) -> Result<(), Error> {
+        let key = worker.key as usize;
+        if self.link(worker).is_none() {
+            return Err(Error::UnknownWorker(worker));
+        }
+        self.push_control(key, Kind::Exit, "", &());
+        let link = &mut self.links[key];
+        if link.kill_timer.is_none() {
+            link.kill_timer = Some(self.timers.insert(Instant::now() + grace, Timer::Kill(worker)));
+        }
+        Ok(())
+    }
+
+    /// Asks every worker to exit, polls until all have exited (killing those
+    /// still running after `grace`), and reaps them all.
+    pub fn shutdown(&mut self, grace: Duration) -> Result<(), Error> {
+        if self.depth > 0 {
+            return Err(Error::Reentrant);
+        }
+        if self.role != Role::Master {
+            return Err(Error::WrongRole);
+        }
+        for id in self.workers() {
+            self.request_exit(id, grace)?;
+        }
+        let deadline = Instant::now() + grace + Duration::from_secs(2);
+        while !self.links.is_empty() && Instant::now() < deadline {
+            self.poll(Some(Duration::from_millis(20)))?;
+        }
+        self.reap_all();
+        Ok(())
+    }
+
+    /// Kills and reaps every child still known (used by `shutdown` and `Drop`).
+    pub(super) fn reap_all(&mut self) {
+        for (_, link) in self.links.iter_mut() {
+            link.conn = None;
+            if let Some(child) = link.child.as_mut() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let keys: Vec<usize> = self.links.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let link = self.links.remove(key);
+            let mut pending: Vec<(u64, usize)> = link.pending.into_iter().collect();
+            pending.sort_unstable();
+            for (_, ack) in pending {
+                self.settle(ack, Err(AckError::Disconnected));
+            }
+        }
+    }
+}
+
+impl Drop for Reactor {
+    /// Dropping a master closes every channel, gives the workers
+    /// `hangup_grace` to exit by themselves, then kills and reaps the rest:
+    /// no zombies. Frames still queued are discarded and their fds closed.
+    fn drop(&mut self) {
+        if self.role != Role::Master || self.links.is_empty() {
+            return;
+        }
+        for (_, link) in self.links.iter_mut() {
+            link.conn = None;
+        }
+        let deadline = Instant::now() + self.config.hangup_grace;
+        loop {
+            let running = self
+                .links
+                .iter_mut()
+                .filter_map(|(_, l)| l.child.as_mut())
+                .map(|c| !matches!(c.try_wait(), Ok(Some(_))))
+                .filter(|&running| running)
+                .count();
+            if running == 0 || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Callbacks must not run during drop; outcomes are discarded.
+        for (_, link) in self.links.iter_mut() {
+            if let Some(child) = link.child.as_mut() {
+                if !matches!(child.try_wait(), Ok(Some(_))) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+        }
+    }
+}

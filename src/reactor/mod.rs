@@ -1,0 +1,428 @@
+//! The reactor: one mio `Poll` over every channel (and every child's pidfd),
+//! dispatching frames to handlers, settling acks, and firing timers.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::panic::{self, AssertUnwindSafe};
+use std::process::{Child, ExitStatus};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use slab::Slab;
+
+use crate::ack::{fail_to_error, Completion, Outbox, Outcome, Outgoing, Reply, Responder, SendOptions, Target};
+use crate::codec::{self, fail, Envelope, Frame, Kind, PROTOCOL_VERSION};
+use crate::conn::{Conn, Flushed, Read};
+use crate::error::{AckError, Error, ProtocolError, SendError};
+use crate::handlers::{check_command, check_namespace, Handlers, Incoming, Lookup, DEFAULT_NAMESPACE};
+use crate::timer::{TimerKey, Wheel};
+use crate::{sys, Config, Message, Ns, Peer, Stats, WorkerId};
+
+mod api;
+mod dispatch;
+mod failure;
+mod master;
+
+/// Longest ack timeout accepted; anything longer is surely a unit mistake.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// How often children without a pidfd are checked for exit.
+const REAP_INTERVAL: Duration = Duration::from_millis(20);
+/// Retry delay after ETOOMANYREFS.
+const WRITE_RETRY: Duration = Duration::from_millis(1);
+
+/// What happened to a worker, as told to [`Reactor::on_worker_event`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum WorkerEvent {
+    /// The worker said hello: queued messages are on their way.
+    Ready,
+    /// The channel closed while the process may still run. Pending acks
+    /// failed with [`AckError::Disconnected`]. `Exited` follows when it ends.
+    Disconnected(DisconnectReason),
+    /// The process ended and was reaped. Pending acks (if any were left)
+    /// failed with [`AckError::Exited`]. The worker id is no longer valid.
+    Exited(ExitStatus),
+}
+
+/// Why a channel closed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum DisconnectReason {
+    /// The worker closed its end.
+    Hangup,
+    /// The worker broke the protocol; the master closed the channel.
+    Protocol(ProtocolError),
+    /// A socket error.
+    Io(io::Error),
+}
+
+/// A message nobody handled, as told to [`Reactor::on_unhandled`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Unhandled {
+    /// Who sent it.
+    pub from: Peer,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its command.
+    pub command: String,
+    /// Why it was not handled.
+    pub reason: AckError,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Master,
+    Worker,
+}
+
+/// Sequence numbers are already well spread; hash them by multiplication.
+#[derive(Default)]
+pub(crate) struct SeqHasher(u64);
+
+impl Hasher for SeqHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type SeqMap = HashMap<u64, usize, BuildHasherDefault<SeqHasher>>;
+
+/// One channel and, on the master, the child process behind it.
+pub(crate) struct Link {
+    pub(crate) id: WorkerId,
+    /// `None` once the channel is closed.
+    pub(crate) conn: Option<Conn>,
+    pub(crate) child: Option<Child>,
+    pub(crate) pidfd: Option<OwnedFd>,
+    /// May frames be written? (Master side: the worker said hello.)
+    pub(crate) ready: bool,
+    pending: SeqMap,
+    next_seq: u64,
+    pub(crate) namespaces: Vec<String>,
+    dirty: bool,
+    hangup_timer: Option<TimerKey>,
+    hangup_reason: Option<DisconnectReason>,
+    kill_timer: Option<TimerKey>,
+    retry_timer: Option<TimerKey>,
+}
+
+impl Link {
+    pub(crate) fn new(id: WorkerId, conn: Conn, ready: bool) -> Link {
+        Link {
+            id,
+            conn: Some(conn),
+            child: None,
+            pidfd: None,
+            ready,
+            pending: SeqMap::default(),
+            next_seq: 1,
+            namespaces: Vec::new(),
+            dirty: false,
+            hangup_timer: None,
+            hangup_reason: None,
+            kill_timer: None,
+            retry_timer: None,
+        }
+    }
+}
+
+struct PendingAck {
+    serial: u64,
+    link: WorkerId,
+    seq: u64,
+    qseq: u64,
+    timer: TimerKey,
+    done: Completion,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Timer {
+    Ack(usize, u64),
+    Hangup(WorkerId),
+    Kill(WorkerId),
+    Reap(WorkerId),
+    WriteRetry(WorkerId),
+}
+
+enum Down {
+    Exited(ExitStatus),
+    Closed(DisconnectReason),
+}
+
+type WorkerHook = Box<dyn FnMut(&mut Reactor, WorkerId, &WorkerEvent)>;
+type UnhandledHook = Box<dyn FnMut(&mut Reactor, &Unhandled)>;
+
+/// The single-threaded engine behind both roles: it owns the channels, the
+/// handlers, the pending acks and the timers, and does all its work inside
+/// [`poll`](Reactor::poll).
+///
+/// Create one with [`Reactor::master`] in the master and [`Reactor::attach`]
+/// in a worker. See the crate docs for a complete example.
+pub struct Reactor {
+    poll: Poll,
+    events: Events,
+    pub(crate) role: Role,
+    pub(crate) links: Slab<Link>,
+    pub(crate) next_generation: u32,
+    handlers: Handlers,
+    acks: Slab<PendingAck>,
+    ack_serial: u64,
+    timers: Wheel<Timer>,
+    fired: Vec<Timer>,
+    pub(crate) config: Config,
+    outbox: Rc<RefCell<Outbox>>,
+    worker_hook: Option<WorkerHook>,
+    unhandled_hook: Option<UnhandledHook>,
+    stats: Stats,
+    depth: u32,
+    backlog: Vec<usize>,
+    dirty: Vec<usize>,
+    broken: Vec<(WorkerId, io::Error)>,
+    ready_events: Vec<(usize, bool, bool)>,
+    panic: Option<Box<dyn Any + Send>>,
+    // Worker side.
+    pub(crate) my_id: Option<WorkerId>,
+    hello_sent: bool,
+    worker_error: Option<Error>,
+    master_gone: bool,
+}
+
+impl Reactor {
+    pub(crate) fn new(role: Role, config: Config) -> Result<Reactor, Error> {
+        let outbox = Outbox { frames: Vec::new(), max_frame: config.max_frame };
+        Ok(Reactor {
+            poll: Poll::new()?,
+            events: Events::with_capacity(256),
+            role,
+            links: Slab::new(),
+            next_generation: 0,
+            handlers: Handlers::default(),
+            acks: Slab::new(),
+            ack_serial: 0,
+            timers: Wheel::new(),
+            fired: Vec::new(),
+            config,
+            outbox: Rc::new(RefCell::new(outbox)),
+            worker_hook: None,
+            unhandled_hook: None,
+            stats: Stats::default(),
+            depth: 0,
+            backlog: Vec::new(),
+            dirty: Vec::new(),
+            broken: Vec::new(),
+            ready_events: Vec::new(),
+            panic: None,
+            my_id: None,
+            hello_sent: false,
+            worker_error: None,
+            master_gone: false,
+        })
+    }
+
+    pub(crate) fn socket_token(key: usize) -> Token {
+        Token(key << 1)
+    }
+
+    /// Registers a new link's socket (and pidfd) and stores it.
+    pub(crate) fn add_link(&mut self, mut link: Link) -> Result<usize, Error> {
+        let key = self.links.vacant_key();
+        if let Some(conn) = link.conn.as_mut() {
+            self.poll.registry().register(
+                &mut conn.stream,
+                Self::socket_token(key),
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+        }
+        if let Some(pidfd) = &link.pidfd {
+            let raw = pidfd.as_raw_fd();
+            if let Err(e) = self.poll.registry().register(&mut SourceFd(&raw), Token(key << 1 | 1), Interest::READABLE)
+            {
+                if let Some(conn) = link.conn.as_mut() {
+                    let _ = self.poll.registry().deregister(&mut conn.stream);
+                }
+                return Err(e.into());
+            }
+        } else if link.child.is_some() {
+            self.timers.insert(Instant::now() + REAP_INTERVAL, Timer::Reap(link.id));
+        }
+        let k = self.links.insert(link);
+        debug_assert_eq!(k, key);
+        Ok(key)
+    }
+
+    // ----- polling --------------------------------------------------------
+
+    /// Waits for I/O or the next timer (at most `timeout`; `None` waits as
+    /// long as needed), dispatches what arrived to handlers and ack
+    /// callbacks, fires due timers, writes what is queued, and returns.
+    ///
+    /// `Some(Duration::ZERO)` never blocks. A signal (EINTR) is retried with
+    /// the time that remains. At most [`Config::frames_per_poll`] frames are
+    /// taken from one channel per call; if more are waiting,
+    /// [`next_deadline`](Reactor::next_deadline) says "now".
+    ///
+    /// On a worker, `Err(Error::Disconnected)` means the master is gone and
+    /// `Err(Error::ExitRequested)` (returned once) that it asked us to exit.
+    /// Calling `poll` from inside a handler is refused with [`Error::Reentrant`].
+    ///
+    /// If a handler or callback panics, the reactor first puts its state
+    /// back in order (unread frames stay buffered; a dropped responder fails
+    /// its ack), then the panic resumes out of `poll`.
+    pub fn poll(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
+        if self.depth > 0 {
+            return Err(Error::Reentrant);
+        }
+        if self.role == Role::Worker {
+            if let Some(e) = self.worker_error.take() {
+                return Err(e);
+            }
+            if self.master_gone {
+                return Err(Error::Disconnected);
+            }
+            self.ensure_hello();
+        }
+        self.turn(timeout)?;
+        if let Some(p) = self.panic.take() {
+            panic::resume_unwind(p);
+        }
+        if self.role == Role::Worker {
+            if let Some(e) = self.worker_error.take() {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn pending_work(&self) -> bool {
+        !self.backlog.is_empty() || !self.broken.is_empty() || !self.outbox.borrow().frames.is_empty()
+    }
+
+    /// When `poll` next has something to do without new I/O: now, if frames
+    /// are buffered; else the next timer; `None` if only I/O can wake it.
+    /// With [`AsRawFd`], this lets a caller nest the reactor in its own loop.
+    pub fn next_deadline(&mut self) -> Option<Instant> {
+        if self.pending_work() {
+            return Some(Instant::now());
+        }
+        self.timers.next_deadline()
+    }
+
+    fn wait_time(&mut self, deadline: Option<Instant>) -> Option<Duration> {
+        if self.pending_work() {
+            return Some(Duration::ZERO);
+        }
+        let now = Instant::now();
+        let wake = match (deadline, self.timers.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        wake.map(|w| w.saturating_duration_since(now))
+    }
+
+    fn turn(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
+        self.drain_outbox();
+        self.flush_dirty();
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let mut wait = self.wait_time(deadline);
+        if let (Some(window), true) = (self.config.busy_poll, wait != Some(Duration::ZERO)) {
+            let spin_until = Instant::now() + window;
+            loop {
+                self.poll_io(Some(Duration::ZERO))?;
+                if !self.events.is_empty() || Instant::now() >= spin_until {
+                    break;
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+            }
+            if self.events.is_empty() {
+                wait = self.wait_time(deadline);
+                self.poll_io_retrying(wait, deadline)?;
+            }
+        } else {
+            self.poll_io_retrying(wait, deadline)?;
+        }
+        self.ready_events.clear();
+        for ev in self.events.iter() {
+            let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+            let writable = ev.is_writable() || ev.is_write_closed();
+            self.ready_events.push((ev.token().0, readable, writable));
+        }
+        let backlog = std::mem::take(&mut self.backlog);
+        let events = std::mem::take(&mut self.ready_events);
+        for &(token, readable, writable) in &events {
+            let key = token >> 1;
+            if token & 1 == 1 {
+                self.check_exit(key);
+                continue;
+            }
+            if writable {
+                if let Some(conn) = self.links.get_mut(key).and_then(|l| l.conn.as_mut()) {
+                    conn.blocked = false;
+                }
+                self.flush_link(key);
+            }
+            if readable {
+                self.read_link(key);
+            }
+        }
+        self.ready_events = events;
+        for key in backlog {
+            if !self.backlog.contains(&key) {
+                self.read_link(key);
+            }
+        }
+        self.fire_timers();
+        self.handle_broken();
+        self.drain_outbox();
+        self.flush_dirty();
+        Ok(())
+    }
+
+    fn poll_io(&mut self, wait: Option<Duration>) -> io::Result<()> {
+        self.poll.poll(&mut self.events, wait)
+    }
+
+    fn poll_io_retrying(&mut self, mut wait: Option<Duration>, deadline: Option<Instant>) -> Result<(), Error> {
+        loop {
+            match self.poll_io(wait) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    // Retry with what remains of the caller's wait.
+                    wait = self.wait_time(deadline);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl AsRawFd for Reactor {
+    /// The epoll fd: readable when `poll` has work. Nest it in another poller.
+    fn as_raw_fd(&self) -> RawFd {
+        self.poll.as_raw_fd()
+    }
+}
+
+impl AsFd for Reactor {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        sys::borrow_raw(self.poll.as_raw_fd())
+    }
+}
