@@ -54,6 +54,8 @@ impl Default for Config {
 pub struct Stats {
     /// Frames fully written to sockets.
     pub frames_written: u64,
+    /// Successful `sendmsg` calls (frames are coalesced, so usually fewer than frames).
+    pub write_calls: u64,
     /// Frames decoded from sockets.
     pub frames_read: u64,
     /// User messages queued for sending.

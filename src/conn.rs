@@ -70,6 +70,7 @@ pub(crate) struct Conn {
     pool: Vec<Vec<u8>>,
     fd_scratch: VecDeque<OwnedFd>,
     pub(crate) frames_written: u64,
+    pub(crate) write_calls: u64,
     pub(crate) bytes_written: u64,
     pub(crate) bytes_read: u64,
 }
@@ -88,6 +89,7 @@ impl Conn {
             pool: Vec::new(),
             fd_scratch: VecDeque::new(),
             frames_written: 0,
+            write_calls: 0,
             bytes_written: 0,
             bytes_read: 0,
         }
@@ -186,6 +188,7 @@ impl Conn {
             }
             match sys::send_with_fds(sock, &iov[..niov], &fds[..nfds]) {
                 Ok(n) => {
+                    self.write_calls += 1;
                     if nfds > 0 && n > 0 {
                         // The kernel took every fd of this call: close ours.
                         for f in self.queue.iter_mut().take(niov) {

@@ -462,3 +462,29 @@ fn spawn_and_send_are_role_checked() {
     let e = r.send_to_master("x", &(), None).send().unwrap_err();
     assert!(matches!(e.error, Error::WrongRole));
 }
+
+#[test]
+fn a_batch_coalesces_sends_into_few_writes() {
+    let _d = util::deadline(SECS * 3);
+    let mut r = Reactor::master().unwrap();
+    let w = spawn_ready(&mut r, "general");
+    let before = r.stats();
+    for i in 0..1000u64 {
+        r.send_to(w, "num", &i, None).send().unwrap();
+    }
+    let mid = r.stats();
+    // Outside a batch each send is written at once (until the socket pushes back).
+    assert!(mid.write_calls - before.write_calls > 200, "{} calls", mid.write_calls - before.write_calls);
+    r.batch(|r| {
+        for i in 1000..2000u64 {
+            r.send_to(w, "num", &i, None).send().unwrap();
+        }
+        assert!(matches!(r.poll(Some(Duration::ZERO)), Err(Error::Reentrant)));
+    });
+    let after = r.stats();
+    assert_eq!(after.frames_written - mid.frames_written, 1000);
+    assert!(after.write_calls - mid.write_calls <= 1000 / 64 + 2, "{} calls", after.write_calls - mid.write_calls);
+    let seen: Vec<u64> = r.request(w, "report", &(), SECS).unwrap();
+    assert_eq!(seen, (0..2000).collect::<Vec<_>>());
+    r.shutdown(SECS).unwrap();
+}

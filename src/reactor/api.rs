@@ -150,6 +150,37 @@ impl Reactor {
         self.send_to_master(cmd, payload, None).within(timeout).wait()
     }
 
+    /// Runs `f` with writes held back, then writes everything it queued,
+    /// coalescing the frames into as few `sendmsg` calls as possible (up to
+    /// 64 frames or 1 MiB per call). Use it for bursts of sends: outside a
+    /// batch every send is written at once, one system call each. (Sends made
+    /// by handlers during `poll` are coalesced the same way automatically.)
+    ///
+    /// Inside `f`, polling and blocking requests are refused ([`Error::Reentrant`]).
+    ///
+    /// ```no_run
+    /// # fn demo(reactor: &mut clusterphone::Reactor, worker: clusterphone::WorkerId) {
+    /// reactor.batch(|r| {
+    ///     for i in 0..1000u32 {
+    ///         r.send_to(worker, "tick", &i, None).send().unwrap();
+    ///     }
+    /// });
+    /// # }
+    /// ```
+    pub fn batch<R>(&mut self, f: impl FnOnce(&mut Reactor) -> R) -> R {
+        self.depth += 1;
+        let result = panic::catch_unwind(AssertUnwindSafe(|| f(&mut *self)));
+        self.depth -= 1;
+        if self.depth == 0 {
+            self.drain_outbox();
+            self.flush_dirty();
+        }
+        match result {
+            Ok(r) => r,
+            Err(p) => panic::resume_unwind(p),
+        }
+    }
+
     /// Sets the default ack timeout. Zero, or more than a day, is refused.
     pub fn set_ack_timeout(&mut self, timeout: Duration) -> Result<(), Error> {
         self.config.ack_timeout = check_timeout(timeout)?;
@@ -266,10 +297,11 @@ impl Reactor {
         }
         let id = link.id;
         let Some(conn) = link.conn.as_mut() else { return };
-        let before = conn.frames_written;
+        let (before, calls_before) = (conn.frames_written, conn.write_calls);
         let bytes_before = conn.bytes_written;
         let r = conn.flush();
         self.stats.frames_written += conn.frames_written - before;
+        self.stats.write_calls += conn.write_calls - calls_before;
         self.stats.bytes_written += conn.bytes_written - bytes_before;
         match r {
             Ok(Flushed::All) | Ok(Flushed::Blocked) => {}
