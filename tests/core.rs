@@ -472,6 +472,7 @@ fn a_batch_coalesces_sends_into_few_writes() {
     for i in 0..1000u64 {
         r.send_to(w, "num", &i, None).send().unwrap();
     }
+    r.flush(SECS).unwrap();
     let mid = r.stats();
     // Outside a batch each send is written at once (until the socket pushes back).
     assert!(mid.write_calls - before.write_calls > 200, "{} calls", mid.write_calls - before.write_calls);
