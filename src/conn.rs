@@ -159,6 +159,12 @@ impl Conn {
         true
     }
 
+    /// One best-effort write of `buf` outside the queue (a parting message
+    /// on a connection about to close).
+    pub(crate) fn write_alone(&mut self, buf: &[u8]) {
+        let _ = sys::send_with_fds(self.stream.as_raw_fd(), &[IoSlice::new(buf)], &[]);
+    }
+
     /// Writes as much of the queue as the socket takes.
     pub(crate) fn flush(&mut self) -> io::Result<Flushed> {
         let sock = self.stream.as_raw_fd();

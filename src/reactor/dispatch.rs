@@ -193,13 +193,15 @@ impl Reactor {
                 let mut buf = conn.buffer();
                 let env = Envelope { kind: Kind::Hello, flags: 0, nfds: 0, seq: 0, ns: "", cmd: "" };
                 let _ = codec::encode(&mut buf, env, &(PROTOCOL_VERSION, Vec::<String>::new()));
-                conn.push_front(buf);
-                link.ready = true;
                 if version != PROTOCOL_VERSION {
-                    // Tell the worker our version, then close: both sides see the mismatch.
-                    let _ = conn.flush();
+                    // Tell the worker our version, then close: both sides see the
+                    // mismatch. The hello alone: queued messages (and their fds)
+                    // must never reach a peer that speaks another protocol.
+                    conn.write_alone(&buf);
                     return Err(ProtocolError::Version(version));
                 }
+                conn.push_front(buf);
+                link.ready = true;
                 link.namespaces = namespaces;
                 let id = link.id;
                 self.after_push(key);

@@ -4,6 +4,7 @@
 //! `worker_entry` test with `CP_TEST_ROLE` naming the role to play.
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -43,7 +44,8 @@ pub fn deadline(limit: Duration) -> Deadline {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        eprintln!("{name}: exceeded its deadline of {limit:?}; aborting");
+        // Straight to stderr: libtest's output capture would swallow eprintln! here.
+        let _ = writeln!(std::io::stderr(), "{name}: exceeded its deadline of {limit:?}; aborting");
         std::process::exit(101);
     });
     Deadline { done }

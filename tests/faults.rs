@@ -1,0 +1,774 @@
+//! Faults, with real processes over real sockets: peers dying mid-frame, a
+//! master vanishing under its workers, signals (EINTR, SIGPIPE), full socket
+//! buffers (EAGAIN, partial writes), resets, and descriptors leaking.
+//!
+//! Every test here takes one global lock: the descriptor count test must not
+//! see other tests open and close fds, and this process becomes a child
+//! subreaper so it can reap workers orphaned on purpose.
+
+mod util;
+
+use std::cell::RefCell;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use clusterphone::codec::{self, Decoder, Envelope, Kind, FLAG_ACK, PROTOCOL_VERSION};
+use clusterphone::{
+    AckError, Bytes, Config, DisconnectReason, Error, Message, ProtocolError, Reactor, Responder, SendError,
+    WorkerEvent, WorkerId,
+};
+use serde::Serialize;
+use util::{deadline, open_fds, poll_until, role, serve, worker_command};
+
+const LIMIT: Duration = Duration::from_secs(10);
+const REPORT_VAR: &str = "CP_REPORT";
+const GRANDCHILD_VAR: &str = "CP_GC_ROLE";
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+// ----- roles (run in re-executed children) ----------------------------------
+
+#[test]
+fn worker_entry() {
+    let Some(role) = role() else { return };
+    util::worker_watchdog();
+    match role.as_str() {
+        "echo" => echo_worker(),
+        "halfkill" => raw_half_frame_then_sigkill(),
+        "fdgarbage" => raw_fds_with_garbage(),
+        "mid" => intermediate_master(),
+        "holdreq" => held_requests_worker(),
+        "sigpipe" => sigpipe_worker(),
+        "eintr" => eintr_master(),
+        "slow" => slow_reader(),
+        "quitter" => quitter(),
+        "resetter" => raw_resetter(),
+        "shutrd" => raw_shut_read(),
+        other => panic!("unknown role {other}"),
+    }
+}
+
+fn echo_worker() {
+    let mut r = Reactor::attach().expect("attach");
+    r.on("echo", |_r, m: Message<u64>| {
+        let _ = m.reply.ok(&m.payload);
+    })
+    .unwrap();
+    serve(&mut r);
+}
+
+// A minimal raw peer: the channel socket without the library on top.
+
+fn frame<T: Serialize + ?Sized>(kind: Kind, flags: u8, nfds: u8, seq: u64, cmd: &str, payload: &T) -> Vec<u8> {
+    let mut v = Vec::new();
+    let ns = if cmd.is_empty() { "" } else { "_" };
+    codec::encode(&mut v, Envelope { kind, flags, nfds, seq, ns, cmd }, payload).expect("encode");
+    v
+}
+
+fn raw_channel() -> UnixStream {
+    let value = std::env::var(clusterphone::ENV_FD).expect("CLUSTERPHONE_FD is set");
+    let raw: RawFd = value.trim().parse().expect("CLUSTERPHONE_FD is a number");
+    // SAFETY: the master handed this fd to this process for the channel alone,
+    // and raw roles never call `Reactor::attach`, so this is its only owner.
+    let sock = UnixStream::from(unsafe { OwnedFd::from_raw_fd(raw) });
+    sock.set_read_timeout(Some(LIMIT)).unwrap();
+    sock
+}
+
+/// Reads one whole frame: (kind, seq, cmd); `None` at EOF or reset.
+fn read_frame(sock: &mut UnixStream, decoder: &mut Decoder) -> Option<(Kind, u64, String)> {
+    loop {
+        if let Some(f) = decoder.next_frame().expect("the master sent a bad frame") {
+            return Some((f.kind, f.seq, f.cmd.to_owned()));
+        }
+        match sock.read(decoder.read_buf()) {
+            Ok(0) => return None,
+            Ok(n) => decoder.filled(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return None,
+            Err(e) => panic!("no frame from the master in time: {e}"),
+        }
+    }
+}
+
+/// `sendmsg` with `fds` attached as SCM_RIGHTS.
+fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) {
+    let mut cmsg = [0u64; 8];
+    let data_len = std::mem::size_of_val(fds) as libc::c_uint;
+    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+    // SAFETY: an all-zero msghdr is a valid "no name, no control" header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
+    assert!(space <= std::mem::size_of_val(&cmsg));
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points at `space` zeroed, aligned bytes we own, so the
+    // first header is non-null and the header plus the fds fit in it.
+    unsafe {
+        let hdr = libc::CMSG_FIRSTHDR(&msg);
+        (*hdr).cmsg_level = libc::SOL_SOCKET;
+        (*hdr).cmsg_type = libc::SCM_RIGHTS;
+        (*hdr).cmsg_len = libc::CMSG_LEN(data_len) as _;
+        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(hdr).cast::<RawFd>(), fds.len());
+    }
+    // SAFETY: msg points at a live iovec over `data` and at our control buffer.
+    let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+    assert_eq!(n, data.len() as isize, "sendmsg: {}", io::Error::last_os_error());
+}
+
+/// Says hello and waits for the master's hello, then for the acked `ping`.
+fn raw_handshake(sock: &mut UnixStream, decoder: &mut Decoder, expect_ping: bool) {
+    sock.write_all(&frame(Kind::Hello, 0, 0, 0, "", &(PROTOCOL_VERSION, Vec::<String>::new()))).unwrap();
+    let hello = read_frame(sock, decoder).expect("the master's hello");
+    assert_eq!(hello.0, Kind::Hello);
+    if expect_ping {
+        let ping = read_frame(sock, decoder).expect("ping");
+        assert_eq!((ping.0, ping.2.as_str()), (Kind::Message, "ping"));
+    }
+}
+
+fn raw_half_frame_then_sigkill() {
+    let mut sock = raw_channel();
+    let mut decoder = Decoder::new(1 << 20, 4);
+    raw_handshake(&mut sock, &mut decoder, true);
+    let f = frame(Kind::Message, FLAG_ACK, 0, 1, "echo", &"half of this frame never arrives");
+    sock.write_all(&f[..f.len() / 2]).unwrap();
+    // SAFETY: kill(2) on our own pid; nothing after it runs.
+    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    unreachable!("SIGKILL is not survivable");
+}
+
+fn raw_fds_with_garbage() {
+    let mut sock = raw_channel();
+    let mut decoder = Decoder::new(1 << 20, 4);
+    raw_handshake(&mut sock, &mut decoder, false);
+    let probes: Vec<(UnixStream, UnixStream)> = (0..3).map(|_| UnixStream::pair().unwrap()).collect();
+    // One fd with a valid message, two with garbage.
+    let take = frame(Kind::Message, 0, 1, 0, "take", &());
+    send_with_fds(sock.as_raw_fd(), &take, &[probes[0].1.as_raw_fd()]);
+    send_with_fds(
+        sock.as_raw_fd(),
+        b"\x10\0\0\0garbage, not a frame",
+        &[probes[1].1.as_raw_fd(), probes[2].1.as_raw_fd()],
+    );
+    let mut keep = Vec::new();
+    for (k, give) in probes {
+        drop(give);
+        keep.push(k);
+    }
+    while read_frame(&mut sock, &mut decoder).is_some() {}
+    // Every copy of the fds we sent is closed, the master's included.
+    for (i, k) in keep.iter().enumerate() {
+        k.set_read_timeout(Some(LIMIT)).unwrap();
+        let mut b = [0u8; 1];
+        assert!(matches!((&*k).read(&mut b), Ok(0)), "fd #{i} is still open in the master");
+    }
+}
+
+/// Closes the channel with the master's data still unread (so the master's
+/// next read is ECONNRESET), and stays alive until killed.
+fn raw_resetter() {
+    let mut sock = raw_channel();
+    let mut decoder = Decoder::new(1 << 20, 4);
+    raw_handshake(&mut sock, &mut decoder, true);
+    drop(sock);
+    std::thread::sleep(Duration::from_secs(30));
+}
+
+/// Shuts down its reading side (so the master's next write is EPIPE) while
+/// it stays alive and connected for writing.
+fn raw_shut_read() {
+    let mut sock = raw_channel();
+    let mut decoder = Decoder::new(1 << 20, 4);
+    raw_handshake(&mut sock, &mut decoder, false);
+    sock.shutdown(std::net::Shutdown::Read).unwrap();
+    sock.write_all(&frame(Kind::Message, 0, 0, 0, "armed", &())).unwrap();
+    std::thread::sleep(Duration::from_secs(30));
+}
+
+/// An intermediate master: spawns its own worker, lets it queue acked
+/// requests (never answered), then vanishes without any cleanup.
+fn intermediate_master() {
+    let gc_role = std::env::var(GRANDCHILD_VAR).expect("grandchild role");
+    let mut r = Reactor::master().unwrap();
+    let held: Rc<RefCell<Vec<Responder>>> = Rc::default();
+    let h = held.clone();
+    r.on("hold", move |_r, m: Message<u32>| h.borrow_mut().push(m.reply)).unwrap();
+    let readies = Rc::new(std::cell::Cell::new(0));
+    let c = readies.clone();
+    r.on("ready", move |_r, m: Message<()>| {
+        c.set(c.get() + 1);
+        let _ = m.reply.ok(&());
+    })
+    .unwrap();
+    r.spawn(worker_command(&gc_role)).unwrap();
+    match gc_role.as_str() {
+        "holdreq" => poll_until(&mut r, LIMIT, |_| held.borrow().len() == 3),
+        "sigpipe" => {
+            poll_until(&mut r, LIMIT, |_| readies.get() == 1);
+            r.flush(LIMIT).unwrap();
+            // Die only once the worker has stopped polling: were it still in
+            // its request, it could read our EOF along with the reply.
+            let armed = Report::armed_path();
+            let end = Instant::now() + LIMIT;
+            while !armed.exists() {
+                assert!(Instant::now() < end, "the worker never armed");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        other => panic!("no plan for grandchild {other}"),
+    }
+    // Vanish: no Drop, no dropped responders, no goodbye.
+    // SAFETY: kill(2) on our own pid; nothing after it runs.
+    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    unreachable!("SIGKILL is not survivable");
+}
+
+/// What an orphaned grandchild tells the test: its pid first, then "ok".
+struct Report {
+    path: PathBuf,
+}
+
+impl Report {
+    fn start() -> Report {
+        let path = PathBuf::from(std::env::var(REPORT_VAR).expect("report path"));
+        let tmp = path.with_extension("pid.tmp");
+        std::fs::write(&tmp, std::process::id().to_string()).unwrap();
+        std::fs::rename(&tmp, path.with_extension("pid")).unwrap();
+        Report { path }
+    }
+
+    /// Created by the sigpipe worker once it no longer polls its channel.
+    fn armed_path() -> PathBuf {
+        PathBuf::from(std::env::var(REPORT_VAR).expect("report path")).with_extension("armed")
+    }
+
+    fn ok(self) {
+        std::fs::write(&self.path, "ok").unwrap();
+    }
+}
+
+fn held_requests_worker() {
+    let report = Report::start();
+    let mut r = Reactor::attach().unwrap();
+    let results: Rc<RefCell<Vec<Result<(), AckError>>>> = Rc::default();
+    for i in 0..3u32 {
+        let res = results.clone();
+        r.send_to_master("hold", &i, None)
+            .within(Duration::from_secs(60))
+            .ackd(move |_r, o: Result<(), AckError>| res.borrow_mut().push(o))
+            .unwrap();
+    }
+    let end = Instant::now() + LIMIT;
+    let err = loop {
+        match r.poll(Some(Duration::from_millis(100))) {
+            Ok(()) => assert!(Instant::now() < end, "poll never noticed that the master is gone"),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, Error::Disconnected), "{err:?}");
+    assert_eq!(*results.borrow(), vec![Err(AckError::Disconnected); 3], "each request fails once, as disconnected");
+    assert_eq!(r.pending_acks(), 0);
+    assert!(matches!(r.poll(Some(Duration::ZERO)), Err(Error::Disconnected)), "the disconnection is sticky");
+    let refused = r.send_to_master("hold", &9u32, None).send();
+    assert!(matches!(refused, Err(SendError { error: Error::Disconnected, .. })), "{refused:?}");
+    report.ok();
+}
+
+fn sigpipe_worker() {
+    // SAFETY: restoring a signal's default disposition has no memory effects;
+    // SIGPIPE's default is to kill the process, which is what must not happen.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let report = Report::start();
+    let raw: RawFd = std::env::var(clusterphone::ENV_FD).unwrap().trim().parse().unwrap();
+    let mut r = Reactor::attach().unwrap();
+    r.request_master::<(), _>("ready", &(), LIMIT).expect("the master answers while it lives");
+    std::fs::write(Report::armed_path(), "").unwrap();
+    // Wait for the master to vanish without reading the channel, so that the
+    // next send really writes into a socket whose peer is gone.
+    let end = Instant::now() + LIMIT;
+    loop {
+        let mut pfd = libc::pollfd { fd: raw, events: libc::POLLRDHUP, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, 100) };
+        assert!(pfd.revents & libc::POLLNVAL == 0, "the channel was closed before the master went away");
+        if n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLRDHUP) != 0 {
+            break;
+        }
+        assert!(Instant::now() < end, "the master did not go away");
+    }
+    let err = r.request_master::<(), _>("after", &Bytes(vec![7; 256 * 1024]), LIMIT).unwrap_err();
+    assert!(matches!(err, Error::Disconnected | Error::Ack(AckError::Disconnected)), "{err:?}");
+    assert!(matches!(r.poll(Some(Duration::ZERO)), Err(Error::Disconnected)));
+    report.ok();
+}
+
+static POLL_TID: AtomicI32 = AtomicI32::new(0);
+static HITS: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn on_alarm(_sig: libc::c_int) {
+    // Async-signal-safe only: raw system calls and atomics; errno preserved.
+    // SAFETY: __errno_location returns this thread's errno slot; the calls are
+    // plain system calls with integer arguments.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let me = libc::syscall(libc::SYS_gettid) as libc::pid_t;
+        let target = POLL_TID.load(Ordering::Relaxed);
+        if target != 0 && me != target {
+            // A process-directed signal landed on another thread (libtest's
+            // main thread, say): pass it on to the thread that polls.
+            libc::syscall(libc::SYS_tgkill, libc::getpid(), target, libc::SIGALRM);
+        } else {
+            HITS.fetch_add(1, Ordering::Relaxed);
+        }
+        *libc::__errno_location() = errno;
+    }
+}
+
+fn set_itimer(every: Duration) {
+    let tv = libc::timeval { tv_sec: 0, tv_usec: every.as_micros() as libc::suseconds_t };
+    let it = libc::itimerval { it_interval: tv, it_value: tv };
+    // SAFETY: `it` is a valid itimerval; the old value is not asked for.
+    assert_eq!(unsafe { libc::setitimer(libc::ITIMER_REAL, &it, std::ptr::null_mut()) }, 0);
+}
+
+fn eintr_master() {
+    // SAFETY: gettid is a plain system call.
+    POLL_TID.store(unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t, Ordering::Relaxed);
+    // SAFETY: a zeroed sigaction with an empty mask and our handler is valid;
+    // flags are 0 on purpose: no SA_RESTART, so blocking calls fail with EINTR.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_alarm as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        sa.sa_flags = 0;
+        libc::sigemptyset(&mut sa.sa_mask);
+        assert_eq!(libc::sigaction(libc::SIGALRM, &sa, std::ptr::null_mut()), 0);
+    }
+    let mut r = Reactor::master().unwrap();
+    set_itimer(Duration::from_millis(5));
+    for _ in 0..3 {
+        let hits = HITS.load(Ordering::Relaxed);
+        let start = Instant::now();
+        let res = r.poll(Some(Duration::from_millis(200)));
+        let took = start.elapsed();
+        assert!(res.is_ok(), "poll failed under signals: {res:?}");
+        assert!(took >= Duration::from_millis(200), "poll returned before its timeout, after {took:?}");
+        let got = HITS.load(Ordering::Relaxed) - hits;
+        assert!(got >= 5, "only {got} signals reached the polling thread");
+    }
+    // Real traffic under the same rain of signals.
+    let w = r.spawn(worker_command("echo")).unwrap();
+    for i in 0..20u64 {
+        assert_eq!(r.request::<u64, _>(w, "echo", &i, LIMIT).unwrap(), i);
+    }
+    r.shutdown(Duration::from_secs(2)).unwrap();
+    set_itimer(Duration::ZERO);
+}
+
+const CHUNK: usize = 64 * 1024;
+const CHUNKS: u64 = 128;
+
+/// 64 KiB of bytes that depend on `i` (xorshift64).
+fn pattern(i: u64) -> Vec<u8> {
+    let mut s = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(CHUNK);
+    while v.len() < CHUNK {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        v.extend_from_slice(&s.to_le_bytes());
+    }
+    v
+}
+
+/// Reads two frames per poll and sleeps between polls.
+fn slow_reader() {
+    let mut config = Config::default();
+    config.frames_per_poll = 2;
+    let mut r = Reactor::attach_with(config).unwrap();
+    let state = Rc::new(RefCell::new((0u64, 0u64))); // (received, bad)
+    let s = state.clone();
+    r.on("chunk", move |_r, m: Message<(u64, Bytes)>| {
+        let (i, data) = m.payload;
+        let mut s = s.borrow_mut();
+        if i != s.0 || data.0 != pattern(i) {
+            s.1 += 1;
+        }
+        s.0 += 1;
+    })
+    .unwrap();
+    let s = state.clone();
+    r.on("done", move |_r, m: Message<()>| {
+        let _ = m.reply.ok(&*s.borrow());
+    })
+    .unwrap();
+    r.on("echo", |_r, m: Message<u64>| {
+        let _ = m.reply.ok(&m.payload);
+    })
+    .unwrap();
+    loop {
+        match r.poll(Some(Duration::ZERO)) {
+            Ok(()) => std::thread::sleep(Duration::from_millis(2)),
+            Err(Error::Disconnected) | Err(Error::ExitRequested) => break,
+            Err(e) => panic!("slow reader: {e}"),
+        }
+    }
+    let _ = r.flush(Duration::from_secs(2));
+}
+
+/// Exits on "die", leaving whatever was sent after it unread.
+fn quitter() {
+    let mut r = Reactor::attach().unwrap();
+    r.on("die", |_r, _m: Message<()>| std::process::exit(0)).unwrap();
+    r.on("echo", |_r, m: Message<u64>| {
+        let _ = m.reply.ok(&m.payload);
+    })
+    .unwrap();
+    serve(&mut r);
+}
+
+// ----- the master's side -----------------------------------------------------
+
+#[derive(Debug, Clone)]
+#[allow(dead_code)] // The texts are read through `Debug`.
+enum Ev {
+    Ready,
+    Protocol(ProtocolError),
+    Hangup,
+    Io(String),
+    Exited(ExitStatus),
+    Other(String),
+}
+
+struct Master {
+    r: Reactor,
+    events: Rc<RefCell<Vec<(WorkerId, Ev)>>>,
+}
+
+impl Master {
+    fn new(config: Config) -> Master {
+        let mut r = Reactor::master_with(config).expect("master");
+        let events: Rc<RefCell<Vec<(WorkerId, Ev)>>> = Rc::default();
+        let log = events.clone();
+        r.on_worker_event(move |_r, id, e| {
+            let ev = match e {
+                WorkerEvent::Ready => Ev::Ready,
+                WorkerEvent::Disconnected(DisconnectReason::Protocol(p)) => Ev::Protocol(p.clone()),
+                WorkerEvent::Disconnected(DisconnectReason::Hangup) => Ev::Hangup,
+                WorkerEvent::Disconnected(DisconnectReason::Io(e)) => Ev::Io(e.to_string()),
+                WorkerEvent::Exited(s) => Ev::Exited(*s),
+                other => Ev::Other(format!("{other:?}")),
+            };
+            log.borrow_mut().push((id, ev));
+        });
+        Master { r, events }
+    }
+
+    fn events_of(&self, w: WorkerId) -> Vec<Ev> {
+        self.events.borrow().iter().filter(|(id, _)| *id == w).map(|(_, e)| e.clone()).collect()
+    }
+
+    fn wait_exit(&mut self, w: WorkerId) -> ExitStatus {
+        let events = self.events.clone();
+        poll_until(&mut self.r, LIMIT, move |_| {
+            events.borrow().iter().any(|(id, e)| *id == w && matches!(e, Ev::Exited(_)))
+        });
+        // A few more turns, to let any duplicate outcome or event show up.
+        for _ in 0..5 {
+            self.r.poll(Some(Duration::from_millis(10))).unwrap();
+        }
+        let exits: Vec<ExitStatus> =
+            self.events_of(w).into_iter().filter_map(|e| if let Ev::Exited(s) = e { Some(s) } else { None }).collect();
+        assert_eq!(exits.len(), 1, "one exit per worker: {:?}", self.events_of(w));
+        exits[0]
+    }
+
+    fn echo(&mut self, w: WorkerId, n: u64) {
+        let got: u64 = self.r.request(w, "echo", &n, LIMIT).expect("the worker answers");
+        assert_eq!(got, n);
+    }
+}
+
+type Outcomes<T> = Rc<RefCell<Vec<Result<T, AckError>>>>;
+
+#[test]
+fn half_frame_then_sigkill_fails_the_ack_exactly_once() {
+    let _serial = serial();
+    let _guard = deadline(Duration::from_secs(20));
+    let mut m = Master::new(Config::default());
+    let normal = m.r.spawn(worker_command("echo")).unwrap();
+    let raw = m.r.spawn(worker_command("halfkill")).unwrap();
+    let outcomes: Outcomes<u32> = Rc::default();
+    let o = outcomes.clone();
+    m.r.send_to(raw, "ping", &1u32, None)
+        .within(Duration::from_secs(20))
+        .ackd(move |_r, res: Result<u32, AckError>| o.borrow_mut().push(res))
+        .unwrap();
+    m.echo(normal, 1);
+    let status = m.wait_exit(raw);
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+    let got = outcomes.borrow().clone();
+    assert_eq!(got.len(), 1, "exactly one outcome: {got:?}");
+    assert!(
+        matches!(&got[0], Err(AckError::Exited(s)) if s.signal() == Some(libc::SIGKILL))
+            || got[0] == Err(AckError::Disconnected),
+        "{got:?}"
+    );
+    assert_eq!(m.r.pending_acks(), 0);
+    let evs = m.events_of(raw);
+    assert!(evs.iter().filter(|e| !matches!(e, Ev::Exited(_))).count() <= 2, "{evs:?}");
+    assert!(!evs.iter().any(|e| matches!(e, Ev::Io(_) | Ev::Other(_))), "{evs:?}");
+    // Still serving the other worker; the dead one is gone for good.
+    for i in 0..3 {
+        m.echo(normal, 10 + i);
+    }
+    let refused = m.r.send_to(raw, "ping", &2u32, None).send();
+    assert!(matches!(refused, Err(SendError { error: Error::UnknownWorker(_), .. })), "{refused:?}");
+    assert!(m.events_of(normal).iter().all(|e| matches!(e, Ev::Ready)));
+    m.r.shutdown(Duration::from_secs(2)).unwrap();
+}
+
+/// Makes this process the reaper of orphaned descendants, so a worker whose
+/// master vanished is handed to us and can be waited for.
+fn become_subreaper() {
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes integers and only sets a flag.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(r, 0, "prctl: {}", io::Error::last_os_error());
+}
+
+/// Waits for an orphaned descendant handed to us; kills it if it outstays `limit`.
+fn reap(pid: libc::pid_t, limit: Duration) -> ExitStatus {
+    let end = Instant::now() + limit;
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid on one pid with a valid status pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            return ExitStatus::from_raw(status);
+        }
+        assert!(r == 0, "waitpid({pid}): {} (was the orphan not handed to us?)", io::Error::last_os_error());
+        if Instant::now() >= end {
+            // SAFETY: as above; the pid is our (adopted) child, not yet reaped.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            panic!("the orphaned worker {pid} did not exit by itself");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A scratch directory, removed when dropped (on panics too).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("cp-faults-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs an intermediate master that spawns `gc_role` and then dies by
+/// SIGKILL; returns the orphaned grandchild's exit status and report.
+fn orphaned(gc_role: &str) -> (ExitStatus, String) {
+    become_subreaper();
+    let dir = TempDir::new(gc_role);
+    let report = dir.0.join("report");
+    let mut mid =
+        worker_command("mid").env(GRANDCHILD_VAR, gc_role).env(REPORT_VAR, &report).spawn().expect("spawn mid");
+    let mid_status = mid.wait().unwrap();
+    let pid = std::fs::read_to_string(report.with_extension("pid")).ok().and_then(|s| s.trim().parse().ok());
+    let Some(pid) = pid else { panic!("the grandchild never started (intermediate master: {mid_status})") };
+    let status = reap(pid, LIMIT);
+    let text = std::fs::read_to_string(&report).unwrap_or_default();
+    assert_eq!(mid_status.signal(), Some(libc::SIGKILL), "the intermediate master was to vanish: {mid_status}");
+    (status, text)
+}
+
+#[test]
+fn master_exit_fails_pending_requests_and_ends_the_workers_poll() {
+    let _serial = serial();
+    let _guard = deadline(Duration::from_secs(25));
+    let (status, report) = orphaned("holdreq");
+    assert!(status.success(), "the orphaned worker's checks failed: {status}");
+    assert_eq!(report, "ok");
+}
+
+#[test]
+fn sigpipe_is_an_error_not_a_death() {
+    let _serial = serial();
+    let _guard = deadline(Duration::from_secs(25));
+    let (status, report) = orphaned("sigpipe");
+    assert_ne!(status.signal(), Some(libc::SIGPIPE), "the worker died of SIGPIPE");
+    assert!(status.success(), "the orphaned worker's checks failed: {status}");
+    assert_eq!(report, "ok");
+}
+
+#[test]
+fn poll_retries_eintr_until_its_timeout() {
+    let _serial = serial();
+    let _guard = deadline(Duration::from_secs(25));
+    // In a child process, so the signals disturb no other test.
+    let status = worker_command("eintr").status().expect("spawn");
+    assert!(status.success(), "the EINTR checks failed: {status}");
+}
+
+#[test]
+fn slow_reader_gets_every_byte_in_order() {
+    let _serial = serial();
+    let _guard = deadline(Duration::from_secs(25));
+    let mut m = Master::new(Config::default());
+    let w = m.r.spawn(worker_command("slow")).unwrap();
+    m.echo(w, 1);
+    for i in 0..CHUNKS {
+        m.r.send_to(w, "chunk", &(i, Bytes(pattern(i))), None).send().unwrap();
+    }
+    let (frames, bytes) = m.r.queue_depth(w).unwrap();
+    assert!(frames > 0 && bytes > 0, "8 MiB went into the socket at once?");
+    let (received, bad): (u64, u64) = m.r.request(w, "done", &(), Duration::from_secs(20)).unwrap();
+    assert_eq!((received, bad), (CHUNKS, 0), "chunks lost, reordered or corrupted");
+    assert!(m.r.stats().bytes_written >= CHUNKS * CHUNK as u64);
+    assert_eq!(m.r.stats().protocol_errors, 0);
+    m.r.shutdown(Duration::from_secs(2)).unwrap();
+    assert!(m.events_of(w).iter().all(|e| matches!(e, Ev::Ready | Ev::Exited(_))), "{:?}", m.events_of(w));
+}
+
+#[test]
+fn worker_exit_with_data_in_flight_is_a_disconnection() {
+    let _serial = serial();
+    let _guard = deadline(Duration::from_secs(25));
+    let mut m = Master::new(Config::default());
+    let normal = m.r.spawn(worker_command("echo")).unwrap();
+    let w = m.r.spawn(worker_command("quitter")).unwrap();
+    m.echo(w, 1);
+    m.r.send_to(w, "die", &(), None).send().unwrap();
+    // Data it will never read: the master's writes hit EPIPE, its reads ECONNRESET.
+    let outcomes: Outcomes<()> = Rc::default();
+    for i in 0..32u64 {
+        let o = outcomes.clone();
+        m.r.send_to(w, "chunk", &(i, Bytes(vec![i as u8; CHUNK])), None)
+            .within(Duration::from_secs(20))
+            .ackd(move |_r, res: Result<(), AckError>| o.borrow_mut().push(res))
+            .unwrap();
+    }
+    let status = m.wait_exit(w);
+    assert!(status.success(), "{status}");
+    let got = outcomes.borrow().clone();
+    assert_eq!(got.len(), 32, "every ack gets exactly one outcome: {got:?}");
+    assert!(got.iter().all(|o| matches!(o, Err(AckError::Exited(_)) | Err(AckError::Disconnected))), "{got:?}");
+    assert_eq!(m.r.pending_acks(), 0);
+    let evs = m.events_of(w);
+    assert!(
+        !evs.iter().any(|e| matches!(e, Ev::Io(_) | Ev::Protocol(_) | Ev::Other(_))),
+        "EPIPE/ECONNRESET must be a plain hangup: {evs:?}"
+    );
+    assert_eq!(m.r.stats().protocol_errors, 0);
+    m.echo(normal, 2);
+    m.r.shutdown(Duration::from_secs(2)).unwrap();
+}
+
+#[test]
+fn fds_that_came_with_bad_data_are_closed() {
+    let _serial = serial();
+    let _guard = deadline(Duration::from_secs(25));
+    let before = open_fds();
+    {
+        let mut m = Master::new(Config::default());
+        let taken = Rc::new(std::cell::Cell::new(0));
+        let t = taken.clone();
+        m.r.on("take", move |_r, msg: Message<()>| t.set(t.get() + usize::from(msg.fd.is_some()))).unwrap();
+        let raw = m.r.spawn(worker_command("fdgarbage")).unwrap();
+        let status = m.wait_exit(raw);
+        assert!(status.success(), "the raw peer's own checks failed: {status}");
+        assert_eq!(taken.get(), 1, "the valid message's fd arrived");
+        assert_eq!(m.r.stats().protocol_errors, 1);
+        assert!(m.events_of(raw).iter().any(|e| matches!(e, Ev::Protocol(ProtocolError::BadMagic(_)))));
+        m.r.shutdown(Duration::from_secs(2)).unwrap();
+    }
+    assert_eq!(open_fds(), before, "the master leaked descriptors");
+}
+
+/// Waits for the disconnection of a peer that stays alive, checks it is a
+/// plain hangup, then kills the peer.
+fn expect_hangup_of_live_peer(m: &mut Master, raw: WorkerId, outcomes: &Outcomes<()>) {
+    let events = m.events.clone();
+    poll_until(&mut m.r, LIMIT, move |_| events.borrow().iter().any(|(id, e)| *id == raw && !matches!(e, Ev::Ready)));
+    let evs = m.events_of(raw);
+    assert!(matches!(&evs[..], [Ev::Ready, Ev::Hangup]), "a peer gone away is a hangup: {evs:?}");
+    assert_eq!(*outcomes.borrow(), vec![Err(AckError::Disconnected)], "the pending ack fails exactly once");
+    assert_eq!(m.r.pending_acks(), 0);
+    assert_eq!(m.r.stats().protocol_errors, 0);
+    m.r.kill(raw).unwrap();
+    assert_eq!(m.wait_exit(raw).signal(), Some(libc::SIGKILL));
+    assert_eq!(*outcomes.borrow(), vec![Err(AckError::Disconnected)]);
+}
+
+#[test]
+fn connection_reset_by_a_live_peer_is_a_hangup() {
+    let _serial = serial();
+    let _guard = deadline(Duration::from_secs(25));
+    let mut m = Master::new(Config::default());
+    let normal = m.r.spawn(worker_command("echo")).unwrap();
+    let raw = m.r.spawn(worker_command("resetter")).unwrap();
+    let outcomes: Outcomes<()> = Rc::default();
+    let o = outcomes.clone();
+    m.r.send_to(raw, "ping", &1u32, None)
+        .within(Duration::from_secs(20))
+        .ackd(move |_r, res: Result<(), AckError>| o.borrow_mut().push(res))
+        .unwrap();
+    // More than the peer reads before it closes: it leaves data unread.
+    for i in 0..32u64 {
+        m.r.send_to(raw, "chunk", &(i, Bytes(vec![i as u8; CHUNK])), None).send().unwrap();
+    }
+    expect_hangup_of_live_peer(&mut m, raw, &outcomes);
+    m.echo(normal, 1);
+    m.r.shutdown(Duration::from_secs(2)).unwrap();
+}
+
+#[test]
+fn broken_pipe_to_a_live_peer_is_a_hangup() {
+    let _serial = serial();
+    let _guard = deadline(Duration::from_secs(25));
+    let mut m = Master::new(Config::default());
+    let armed = Rc::new(std::cell::Cell::new(false));
+    let a = armed.clone();
+    m.r.on("armed", move |_r, _m: Message<()>| a.set(true)).unwrap();
+    let normal = m.r.spawn(worker_command("echo")).unwrap();
+    let raw = m.r.spawn(worker_command("shutrd")).unwrap();
+    poll_until(&mut m.r, LIMIT, |_| armed.get());
+    // The peer no longer reads: this write fails with EPIPE.
+    let outcomes: Outcomes<()> = Rc::default();
+    let o = outcomes.clone();
+    m.r.send_to(raw, "after", &Bytes(vec![1; 4096]), None)
+        .within(Duration::from_secs(20))
+        .ackd(move |_r, res: Result<(), AckError>| o.borrow_mut().push(res))
+        .unwrap();
+    expect_hangup_of_live_peer(&mut m, raw, &outcomes);
+    m.echo(normal, 1);
+    m.r.shutdown(Duration::from_secs(2)).unwrap();
+}
