@@ -9,8 +9,8 @@
 mod util;
 
 use std::cell::RefCell;
-use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -20,15 +20,12 @@ use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use clusterphone::codec::{self, Decoder, Envelope, Kind, FLAG_ACK, PROTOCOL_VERSION};
-use clusterphone::{
-    AckError, Bytes, Config, DisconnectReason, Error, Message, ProtocolError, Reactor, Responder, SendError,
-    WorkerEvent, WorkerId,
-};
-use serde::Serialize;
+use clusterphone::codec::{Kind, FLAG_ACK};
+use clusterphone::{AckError, Bytes, Config, Error, Message, ProtocolError, Reactor, Responder, SendError, WorkerId};
+use util::events::{echo_worker, on_echo, Ev, Master, Outcomes, LIMIT};
+use util::raw::{assert_probe_closed, env, frame, probe, RawPeer};
 use util::{deadline, open_fds, poll_until, role, serve, worker_command};
 
-const LIMIT: Duration = Duration::from_secs(10);
 const REPORT_VAR: &str = "CP_REPORT";
 const GRANDCHILD_VAR: &str = "CP_GC_ROLE";
 
@@ -60,145 +57,51 @@ fn worker_entry() {
     }
 }
 
-fn echo_worker() {
-    let mut r = Reactor::attach().expect("attach");
-    r.on("echo", |_r, m: Message<u64>| {
-        let _ = m.reply.ok(&m.payload);
-    })
-    .unwrap();
-    serve(&mut r);
-}
-
-// A minimal raw peer: the channel socket without the library on top.
-
-fn frame<T: Serialize + ?Sized>(kind: Kind, flags: u8, nfds: u8, seq: u64, cmd: &str, payload: &T) -> Vec<u8> {
-    let mut v = Vec::new();
-    let ns = if cmd.is_empty() { "" } else { "_" };
-    codec::encode(&mut v, Envelope { kind, flags, nfds, seq, ns, cmd }, payload).expect("encode");
-    v
-}
-
-fn raw_channel() -> UnixStream {
-    let value = std::env::var(clusterphone::ENV_FD).expect("CLUSTERPHONE_FD is set");
-    let raw: RawFd = value.trim().parse().expect("CLUSTERPHONE_FD is a number");
-    // SAFETY: the master handed this fd to this process for the channel alone,
-    // and raw roles never call `Reactor::attach`, so this is its only owner.
-    let sock = UnixStream::from(unsafe { OwnedFd::from_raw_fd(raw) });
-    sock.set_read_timeout(Some(LIMIT)).unwrap();
-    sock
-}
-
-/// Reads one whole frame: (kind, seq, cmd); `None` at EOF or reset.
-fn read_frame(sock: &mut UnixStream, decoder: &mut Decoder) -> Option<(Kind, u64, String)> {
-    loop {
-        if let Some(f) = decoder.next_frame().expect("the master sent a bad frame") {
-            return Some((f.kind, f.seq, f.cmd.to_owned()));
-        }
-        match sock.read(decoder.read_buf()) {
-            Ok(0) => return None,
-            Ok(n) => decoder.filled(n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return None,
-            Err(e) => panic!("no frame from the master in time: {e}"),
-        }
-    }
-}
-
-/// `sendmsg` with `fds` attached as SCM_RIGHTS.
-fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) {
-    let mut cmsg = [0u64; 8];
-    let data_len = std::mem::size_of_val(fds) as libc::c_uint;
-    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
-    // SAFETY: an all-zero msghdr is a valid "no name, no control" header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
-    assert!(space <= std::mem::size_of_val(&cmsg));
-    msg.msg_control = cmsg.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: msg_control points at `space` zeroed, aligned bytes we own, so the
-    // first header is non-null and the header plus the fds fit in it.
-    unsafe {
-        let hdr = libc::CMSG_FIRSTHDR(&msg);
-        (*hdr).cmsg_level = libc::SOL_SOCKET;
-        (*hdr).cmsg_type = libc::SCM_RIGHTS;
-        (*hdr).cmsg_len = libc::CMSG_LEN(data_len) as _;
-        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(hdr).cast::<RawFd>(), fds.len());
-    }
-    // SAFETY: msg points at a live iovec over `data` and at our control buffer.
-    let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
-    assert_eq!(n, data.len() as isize, "sendmsg: {}", io::Error::last_os_error());
-}
-
-/// Says hello and waits for the master's hello, then for the acked `ping`.
-fn raw_handshake(sock: &mut UnixStream, decoder: &mut Decoder, expect_ping: bool) {
-    sock.write_all(&frame(Kind::Hello, 0, 0, 0, "", &(PROTOCOL_VERSION, Vec::<String>::new()))).unwrap();
-    let hello = read_frame(sock, decoder).expect("the master's hello");
-    assert_eq!(hello.0, Kind::Hello);
-    if expect_ping {
-        let ping = read_frame(sock, decoder).expect("ping");
-        assert_eq!((ping.0, ping.2.as_str()), (Kind::Message, "ping"));
-    }
-}
-
 fn raw_half_frame_then_sigkill() {
-    let mut sock = raw_channel();
-    let mut decoder = Decoder::new(1 << 20, 4);
-    raw_handshake(&mut sock, &mut decoder, true);
-    let f = frame(Kind::Message, FLAG_ACK, 0, 1, "echo", &"half of this frame never arrives");
-    sock.write_all(&f[..f.len() / 2]).unwrap();
+    let mut p = RawPeer::connect();
+    p.handshake();
+    let f = frame(env(Kind::Message, FLAG_ACK, 0, 1, "_", "echo"), &"half of this frame never arrives");
+    p.write(&f[..f.len() / 2]);
     // SAFETY: kill(2) on our own pid; nothing after it runs.
     unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     unreachable!("SIGKILL is not survivable");
 }
 
 fn raw_fds_with_garbage() {
-    let mut sock = raw_channel();
-    let mut decoder = Decoder::new(1 << 20, 4);
-    raw_handshake(&mut sock, &mut decoder, false);
-    let probes: Vec<(UnixStream, UnixStream)> = (0..3).map(|_| UnixStream::pair().unwrap()).collect();
+    let mut p = RawPeer::connect();
+    p.exchange_hellos();
+    let probes: Vec<(UnixStream, UnixStream)> = (0..3).map(|_| probe()).collect();
     // One fd with a valid message, two with garbage.
-    let take = frame(Kind::Message, 0, 1, 0, "take", &());
-    send_with_fds(sock.as_raw_fd(), &take, &[probes[0].1.as_raw_fd()]);
-    send_with_fds(
-        sock.as_raw_fd(),
-        b"\x10\0\0\0garbage, not a frame",
-        &[probes[1].1.as_raw_fd(), probes[2].1.as_raw_fd()],
-    );
+    p.send_with_fds(&frame(env(Kind::Message, 0, 1, 0, "_", "take"), &()), &[probes[0].1.as_raw_fd()]);
+    p.send_with_fds(b"\x10\0\0\0garbage, not a frame", &[probes[1].1.as_raw_fd(), probes[2].1.as_raw_fd()]);
     let mut keep = Vec::new();
     for (k, give) in probes {
         drop(give);
         keep.push(k);
     }
-    while read_frame(&mut sock, &mut decoder).is_some() {}
+    p.until_eof();
     // Every copy of the fds we sent is closed, the master's included.
-    for (i, k) in keep.iter().enumerate() {
-        k.set_read_timeout(Some(LIMIT)).unwrap();
-        let mut b = [0u8; 1];
-        assert!(matches!((&*k).read(&mut b), Ok(0)), "fd #{i} is still open in the master");
+    for k in keep {
+        assert_probe_closed(k);
     }
 }
 
 /// Closes the channel with the master's data still unread (so the master's
 /// next read is ECONNRESET), and stays alive until killed.
 fn raw_resetter() {
-    let mut sock = raw_channel();
-    let mut decoder = Decoder::new(1 << 20, 4);
-    raw_handshake(&mut sock, &mut decoder, true);
-    drop(sock);
+    let mut p = RawPeer::connect();
+    p.handshake();
+    drop(p);
     std::thread::sleep(Duration::from_secs(30));
 }
 
 /// Shuts down its reading side (so the master's next write is EPIPE) while
 /// it stays alive and connected for writing.
 fn raw_shut_read() {
-    let mut sock = raw_channel();
-    let mut decoder = Decoder::new(1 << 20, 4);
-    raw_handshake(&mut sock, &mut decoder, false);
-    sock.shutdown(std::net::Shutdown::Read).unwrap();
-    sock.write_all(&frame(Kind::Message, 0, 0, 0, "armed", &())).unwrap();
+    let mut p = RawPeer::connect();
+    p.exchange_hellos();
+    p.sock.shutdown(std::net::Shutdown::Read).unwrap();
+    p.write(&frame(env(Kind::Message, 0, 0, 0, "_", "armed"), &()));
     std::thread::sleep(Duration::from_secs(30));
 }
 
@@ -418,10 +321,7 @@ fn slow_reader() {
         let _ = m.reply.ok(&*s.borrow());
     })
     .unwrap();
-    r.on("echo", |_r, m: Message<u64>| {
-        let _ = m.reply.ok(&m.payload);
-    })
-    .unwrap();
+    on_echo(&mut r);
     loop {
         match r.poll(Some(Duration::ZERO)) {
             Ok(()) => std::thread::sleep(Duration::from_millis(2)),
@@ -436,76 +336,11 @@ fn slow_reader() {
 fn quitter() {
     let mut r = Reactor::attach().unwrap();
     r.on("die", |_r, _m: Message<()>| std::process::exit(0)).unwrap();
-    r.on("echo", |_r, m: Message<u64>| {
-        let _ = m.reply.ok(&m.payload);
-    })
-    .unwrap();
+    on_echo(&mut r);
     serve(&mut r);
 }
 
 // ----- the master's side -----------------------------------------------------
-
-#[derive(Debug, Clone)]
-#[allow(dead_code)] // The texts are read through `Debug`.
-enum Ev {
-    Ready,
-    Protocol(ProtocolError),
-    Hangup,
-    Io(String),
-    Exited(ExitStatus),
-    Other(String),
-}
-
-struct Master {
-    r: Reactor,
-    events: Rc<RefCell<Vec<(WorkerId, Ev)>>>,
-}
-
-impl Master {
-    fn new(config: Config) -> Master {
-        let mut r = Reactor::master_with(config).expect("master");
-        let events: Rc<RefCell<Vec<(WorkerId, Ev)>>> = Rc::default();
-        let log = events.clone();
-        r.on_worker_event(move |_r, id, e| {
-            let ev = match e {
-                WorkerEvent::Ready => Ev::Ready,
-                WorkerEvent::Disconnected(DisconnectReason::Protocol(p)) => Ev::Protocol(p.clone()),
-                WorkerEvent::Disconnected(DisconnectReason::Hangup) => Ev::Hangup,
-                WorkerEvent::Disconnected(DisconnectReason::Io(e)) => Ev::Io(e.to_string()),
-                WorkerEvent::Exited(s) => Ev::Exited(*s),
-                other => Ev::Other(format!("{other:?}")),
-            };
-            log.borrow_mut().push((id, ev));
-        });
-        Master { r, events }
-    }
-
-    fn events_of(&self, w: WorkerId) -> Vec<Ev> {
-        self.events.borrow().iter().filter(|(id, _)| *id == w).map(|(_, e)| e.clone()).collect()
-    }
-
-    fn wait_exit(&mut self, w: WorkerId) -> ExitStatus {
-        let events = self.events.clone();
-        poll_until(&mut self.r, LIMIT, move |_| {
-            events.borrow().iter().any(|(id, e)| *id == w && matches!(e, Ev::Exited(_)))
-        });
-        // A few more turns, to let any duplicate outcome or event show up.
-        for _ in 0..5 {
-            self.r.poll(Some(Duration::from_millis(10))).unwrap();
-        }
-        let exits: Vec<ExitStatus> =
-            self.events_of(w).into_iter().filter_map(|e| if let Ev::Exited(s) = e { Some(s) } else { None }).collect();
-        assert_eq!(exits.len(), 1, "one exit per worker: {:?}", self.events_of(w));
-        exits[0]
-    }
-
-    fn echo(&mut self, w: WorkerId, n: u64) {
-        let got: u64 = self.r.request(w, "echo", &n, LIMIT).expect("the worker answers");
-        assert_eq!(got, n);
-    }
-}
-
-type Outcomes<T> = Rc<RefCell<Vec<Result<T, AckError>>>>;
 
 #[test]
 fn half_frame_then_sigkill_fails_the_ack_exactly_once() {
@@ -514,12 +349,7 @@ fn half_frame_then_sigkill_fails_the_ack_exactly_once() {
     let mut m = Master::new(Config::default());
     let normal = m.r.spawn(worker_command("echo")).unwrap();
     let raw = m.r.spawn(worker_command("halfkill")).unwrap();
-    let outcomes: Outcomes<u32> = Rc::default();
-    let o = outcomes.clone();
-    m.r.send_to(raw, "ping", &1u32, None)
-        .within(Duration::from_secs(20))
-        .ackd(move |_r, res: Result<u32, AckError>| o.borrow_mut().push(res))
-        .unwrap();
+    let outcomes = m.send_acked::<_, u32>(raw, "ping", &1u32, Duration::from_secs(20));
     m.echo(normal, 1);
     let status = m.wait_exit(raw);
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
@@ -540,7 +370,7 @@ fn half_frame_then_sigkill_fails_the_ack_exactly_once() {
     }
     let refused = m.r.send_to(raw, "ping", &2u32, None).send();
     assert!(matches!(refused, Err(SendError { error: Error::UnknownWorker(_), .. })), "{refused:?}");
-    assert!(m.events_of(normal).iter().all(|e| matches!(e, Ev::Ready)));
+    m.assert_untouched(normal);
     m.r.shutdown(Duration::from_secs(2)).unwrap();
 }
 
@@ -716,8 +546,7 @@ fn fds_that_came_with_bad_data_are_closed() {
 /// Waits for the disconnection of a peer that stays alive, checks it is a
 /// plain hangup, then kills the peer.
 fn expect_hangup_of_live_peer(m: &mut Master, raw: WorkerId, outcomes: &Outcomes<()>) {
-    let events = m.events.clone();
-    poll_until(&mut m.r, LIMIT, move |_| events.borrow().iter().any(|(id, e)| *id == raw && !matches!(e, Ev::Ready)));
+    m.wait_event(raw, |e| !matches!(e, Ev::Ready));
     let evs = m.events_of(raw);
     assert!(matches!(&evs[..], [Ev::Ready, Ev::Hangup]), "a peer gone away is a hangup: {evs:?}");
     assert_eq!(*outcomes.borrow(), vec![Err(AckError::Disconnected)], "the pending ack fails exactly once");
@@ -735,12 +564,7 @@ fn connection_reset_by_a_live_peer_is_a_hangup() {
     let mut m = Master::new(Config::default());
     let normal = m.r.spawn(worker_command("echo")).unwrap();
     let raw = m.r.spawn(worker_command("resetter")).unwrap();
-    let outcomes: Outcomes<()> = Rc::default();
-    let o = outcomes.clone();
-    m.r.send_to(raw, "ping", &1u32, None)
-        .within(Duration::from_secs(20))
-        .ackd(move |_r, res: Result<(), AckError>| o.borrow_mut().push(res))
-        .unwrap();
+    let outcomes = m.send_acked::<_, ()>(raw, "ping", &1u32, Duration::from_secs(20));
     // More than the peer reads before it closes: it leaves data unread.
     for i in 0..32u64 {
         m.r.send_to(raw, "chunk", &(i, Bytes(vec![i as u8; CHUNK])), None).send().unwrap();
@@ -762,12 +586,7 @@ fn broken_pipe_to_a_live_peer_is_a_hangup() {
     let raw = m.r.spawn(worker_command("shutrd")).unwrap();
     poll_until(&mut m.r, LIMIT, |_| armed.get());
     // The peer no longer reads: this write fails with EPIPE.
-    let outcomes: Outcomes<()> = Rc::default();
-    let o = outcomes.clone();
-    m.r.send_to(raw, "after", &Bytes(vec![1; 4096]), None)
-        .within(Duration::from_secs(20))
-        .ackd(move |_r, res: Result<(), AckError>| o.borrow_mut().push(res))
-        .unwrap();
+    let outcomes = m.send_acked::<_, ()>(raw, "after", &Bytes(vec![1; 4096]), Duration::from_secs(20));
     expect_hangup_of_live_peer(&mut m, raw, &outcomes);
     m.echo(normal, 1);
     m.r.shutdown(Duration::from_secs(2)).unwrap();

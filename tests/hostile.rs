@@ -13,23 +13,18 @@
 mod util;
 
 use std::cell::{Cell, RefCell};
-use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
-use std::process::ExitStatus;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use clusterphone::codec::{self, fail, Decoder, Envelope, Kind, FLAG_ACK, MAGIC, PROTOCOL_VERSION};
-use clusterphone::{
-    AckError, Bytes, Config, DisconnectReason, Error, Message, ProtocolError, Reactor, SendError, WorkerEvent, WorkerId,
-};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
-use util::{deadline, poll_until, role, serve, worker_command};
-
-const LIMIT: Duration = Duration::from_secs(10);
+use clusterphone::codec::{fail, Kind, FLAG_ACK, MAGIC, PROTOCOL_VERSION};
+use clusterphone::{AckError, Bytes, Config, Error, Message, ProtocolError, SendError, WorkerId};
+use util::events::{echo_worker, Ev, Master, LIMIT};
+use util::raw::{assert_probe_closed, env, frame, probe, raw_frame, RawPeer};
+use util::{deadline, poll_until, role, worker_command};
 
 // ----- roles (run in re-executed children) ----------------------------------
 
@@ -55,200 +50,11 @@ fn worker_entry() {
     }
 }
 
-/// The well-behaved worker.
-fn echo_worker() {
-    let mut r = Reactor::attach().expect("attach");
-    r.on("echo", |_r, m: Message<u64>| {
-        let _ = m.reply.ok(&m.payload);
-    })
-    .unwrap();
-    serve(&mut r);
-}
-
-/// A frame as the raw peer reads it.
-#[derive(Debug)]
-struct RawFrame {
-    kind: Kind,
-    flags: u8,
-    seq: u64,
-    ns: String,
-    cmd: String,
-    payload: Vec<u8>,
-}
-
-impl RawFrame {
-    fn decode<T: DeserializeOwned>(&self) -> T {
-        ciborium::from_reader(&self.payload[..]).expect("payload decodes")
-    }
-}
-
-fn env(kind: Kind, flags: u8, nfds: u8, seq: u64, ns: &'static str, cmd: &'static str) -> Envelope<'static> {
-    Envelope { kind, flags, nfds, seq, ns, cmd }
-}
-
-/// A well-formed frame with a CBOR payload.
-fn frame<T: Serialize + ?Sized>(e: Envelope<'_>, payload: &T) -> Vec<u8> {
-    let mut v = Vec::new();
-    codec::encode(&mut v, e, payload).expect("encode");
-    v
-}
-
-/// A frame whose payload bytes are taken as they are (not necessarily CBOR).
-fn raw_frame(e: Envelope<'_>, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    codec::encode_raw(&mut v, e, payload).expect("encode");
-    v
-}
-
-/// `sendmsg` with `fds` attached as SCM_RIGHTS.
-fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) {
-    let mut cmsg = [0u64; 8];
-    let data_len = std::mem::size_of_val(fds) as libc::c_uint;
-    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
-    // SAFETY: an all-zero msghdr is a valid "no name, no control" header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
-    assert!(space <= std::mem::size_of_val(&cmsg));
-    msg.msg_control = cmsg.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: msg_control points at `space` zeroed, aligned bytes we own, so the
-    // first header is non-null and the header plus the fds fit in it.
-    unsafe {
-        let hdr = libc::CMSG_FIRSTHDR(&msg);
-        (*hdr).cmsg_level = libc::SOL_SOCKET;
-        (*hdr).cmsg_type = libc::SCM_RIGHTS;
-        (*hdr).cmsg_len = libc::CMSG_LEN(data_len) as _;
-        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(hdr).cast::<RawFd>(), fds.len());
-    }
-    // SAFETY: msg points at a live iovec over `data` and at our control buffer.
-    let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
-    assert_eq!(n, data.len() as isize, "sendmsg: {}", io::Error::last_os_error());
-}
-
-/// One end of a fresh socketpair to hand to the master, and the end we keep
-/// to find out whether every copy of the other was closed.
-fn probe() -> (UnixStream, UnixStream) {
-    UnixStream::pair().expect("socketpair")
-}
-
-/// Asserts that every copy of the probe's other end has been closed (the
-/// master's included): reading our end then sees EOF rather than timing out.
-fn assert_probe_closed(keep: UnixStream) {
-    keep.set_read_timeout(Some(LIMIT)).unwrap();
-    let mut b = [0u8; 1];
-    match (&keep).read(&mut b) {
-        Ok(0) => {}
-        other => panic!("the fd sent with the bad data is still open in the master: {other:?}"),
-    }
-}
-
-/// The raw peer: the channel socket, without any of the library on top.
-struct RawPeer {
-    sock: UnixStream,
-    decoder: Decoder,
-}
-
-impl RawPeer {
-    fn connect() -> RawPeer {
-        let value = std::env::var(clusterphone::ENV_FD).expect("CLUSTERPHONE_FD is set");
-        let raw: RawFd = value.trim().parse().expect("CLUSTERPHONE_FD is a number");
-        // SAFETY: the master handed this fd to this process for the channel
-        // alone, and this role never calls `Reactor::attach`, so this is its
-        // only owner.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let sock = UnixStream::from(fd);
-        sock.set_read_timeout(Some(LIMIT)).unwrap();
-        RawPeer { sock, decoder: Decoder::new(1 << 24, 16) }
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        self.sock.write_all(bytes).expect("raw write");
-    }
-
-    fn hello(&mut self, version: u32) {
-        let hello = frame(env(Kind::Hello, 0, 0, 0, "", ""), &(version, Vec::<String>::new()));
-        self.write(&hello);
-    }
-
-    /// The next frame; `Ok(None)` at EOF (or reset); `Err` on read timeout.
-    fn try_next(&mut self) -> io::Result<Option<RawFrame>> {
-        loop {
-            if let Some(f) = self.decoder.next_frame().expect("the master sent a bad frame") {
-                return Ok(Some(RawFrame {
-                    kind: f.kind,
-                    flags: f.flags,
-                    seq: f.seq,
-                    ns: f.ns.to_owned(),
-                    cmd: f.cmd.to_owned(),
-                    payload: f.payload.to_vec(),
-                }));
-            }
-            let buf = self.decoder.read_buf();
-            match self.sock.read(buf) {
-                Ok(0) => {
-                    assert!(!self.decoder.is_mid_frame(), "the master's stream ended inside a frame");
-                    return Ok(None);
-                }
-                Ok(n) => self.decoder.filled(n),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(None),
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    fn next(&mut self) -> Option<RawFrame> {
-        self.try_next().expect("no frame from the master in time")
-    }
-
-    fn expect(&mut self, kind: Kind, seq: u64) -> RawFrame {
-        let f = self.next().expect("the master closed the channel");
-        assert_eq!((f.kind, f.seq), (kind, seq), "unexpected frame {f:?}");
-        f
-    }
-
-    /// Says hello, reads the master's hello and the acked `ping` it queued
-    /// for us; returns the ping's sequence number.
-    fn handshake(&mut self) -> u64 {
-        self.hello(PROTOCOL_VERSION);
-        let h = self.expect(Kind::Hello, 0);
-        let (version, _): (u32, Vec<String>) = h.decode();
-        assert_eq!(version, PROTOCOL_VERSION);
-        let ping = self.next().expect("ping");
-        assert_eq!((ping.kind, ping.ns.as_str(), ping.cmd.as_str()), (Kind::Message, "_", "ping"), "{ping:?}");
-        assert_eq!(ping.flags & FLAG_ACK, FLAG_ACK);
-        assert_eq!(ping.decode::<u32>(), 1);
-        ping.seq
-    }
-
-    /// Reads until the master closes the channel; returns what came meanwhile.
-    fn until_eof(&mut self) -> Vec<RawFrame> {
-        let mut frames = Vec::new();
-        while let Some(f) = self.next() {
-            frames.push(f);
-        }
-        frames
-    }
-
-    /// Asserts that nothing arrives for `quiet`.
-    fn expect_silence(&mut self, quiet: Duration) {
-        self.sock.set_read_timeout(Some(quiet)).unwrap();
-        match self.try_next() {
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
-            other => panic!("expected silence from the master, got {other:?}"),
-        }
-        self.sock.set_read_timeout(Some(LIMIT)).unwrap();
-    }
-}
-
 fn raw_garbage() {
     let mut p = RawPeer::connect();
     p.handshake();
     let (keep, give) = probe();
-    send_with_fds(p.sock.as_raw_fd(), b"GET / HTTP/1.1\r\nHost: clusterphone\r\n\r\n", &[give.as_raw_fd()]);
+    p.send_with_fds(b"GET / HTTP/1.1\r\nHost: clusterphone\r\n\r\n", &[give.as_raw_fd()]);
     drop(give);
     p.until_eof();
     assert_probe_closed(keep);
@@ -331,7 +137,7 @@ fn raw_bad_seq() {
     p.handshake();
     let (keep, give) = probe();
     let f = frame(env(Kind::Reply, 0, 1, 999, "", ""), &5u32);
-    send_with_fds(p.sock.as_raw_fd(), &f, &[give.as_raw_fd()]);
+    p.send_with_fds(&f, &[give.as_raw_fd()]);
     drop(give);
     p.until_eof();
     assert_probe_closed(keep);
@@ -357,9 +163,8 @@ fn raw_no_handler() {
 }
 
 fn raw_never_reads() {
-    let p = RawPeer::connect();
-    let mut sock = &p.sock;
-    sock.write_all(&frame(env(Kind::Hello, 0, 0, 0, "", ""), &(PROTOCOL_VERSION, Vec::<String>::new()))).unwrap();
+    let mut p = RawPeer::connect();
+    p.hello(PROTOCOL_VERSION);
     // Never read; just wait (without consuming anything) for the master to go.
     let end = Instant::now() + Duration::from_secs(30);
     while Instant::now() < end {
@@ -385,86 +190,12 @@ fn raw_flood() {
 
 // ----- the master's side -----------------------------------------------------
 
-/// A worker event, recorded.
-#[derive(Debug, Clone)]
-#[allow(dead_code)] // The texts are read through `Debug`.
-enum Ev {
-    Ready,
-    Protocol(ProtocolError),
-    Hangup,
-    Io(String),
-    Exited(ExitStatus),
-    Other(String),
-}
-
-struct Master {
-    r: Reactor,
-    events: Rc<RefCell<Vec<(WorkerId, Ev)>>>,
-}
-
-impl Master {
-    fn new(config: Config) -> Master {
-        let mut r = Reactor::master_with(config).expect("master");
-        let events: Rc<RefCell<Vec<(WorkerId, Ev)>>> = Rc::default();
-        let log = events.clone();
-        r.on_worker_event(move |_r, id, e| {
-            let ev = match e {
-                WorkerEvent::Ready => Ev::Ready,
-                WorkerEvent::Disconnected(DisconnectReason::Protocol(p)) => Ev::Protocol(p.clone()),
-                WorkerEvent::Disconnected(DisconnectReason::Hangup) => Ev::Hangup,
-                WorkerEvent::Disconnected(DisconnectReason::Io(e)) => Ev::Io(e.to_string()),
-                WorkerEvent::Exited(s) => Ev::Exited(*s),
-                other => Ev::Other(format!("{other:?}")),
-            };
-            log.borrow_mut().push((id, ev));
-        });
-        Master { r, events }
-    }
-
-    fn events_of(&self, w: WorkerId) -> Vec<Ev> {
-        self.events.borrow().iter().filter(|(id, _)| *id == w).map(|(_, e)| e.clone()).collect()
-    }
-
-    fn wait_event(&mut self, w: WorkerId, what: impl Fn(&Ev) -> bool) {
-        let events = self.events.clone();
-        poll_until(&mut self.r, LIMIT, move |_| events.borrow().iter().any(|(id, e)| *id == w && what(e)));
-    }
-
-    fn wait_exit(&mut self, w: WorkerId) -> ExitStatus {
-        self.wait_event(w, |e| matches!(e, Ev::Exited(_)));
-        let exits: Vec<ExitStatus> =
-            self.events_of(w).into_iter().filter_map(|e| if let Ev::Exited(s) = e { Some(s) } else { None }).collect();
-        assert_eq!(exits.len(), 1, "one exit per worker");
-        exits[0]
-    }
-
-    /// A few more turns, to let any duplicate outcome or event show up.
-    fn settle(&mut self) {
-        for _ in 0..5 {
-            self.r.poll(Some(Duration::from_millis(10))).expect("poll");
-        }
-    }
-
-    fn echo(&mut self, w: WorkerId, n: u64) {
-        let got: u64 = self.r.request(w, "echo", &n, LIMIT).expect("the normal worker answers");
-        assert_eq!(got, n);
-    }
-
-    /// The normal worker saw nothing but its own start.
-    fn assert_untouched(&self, w: WorkerId) {
-        let evs = self.events_of(w);
-        assert!(evs.iter().all(|e| matches!(e, Ev::Ready)), "the normal worker was disturbed: {evs:?}");
-    }
-}
-
 /// Peak resident memory of this process, in KiB.
 fn peak_rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
     line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("VmHWM value")
 }
-
-type Outcomes<T> = Rc<RefCell<Vec<Result<T, AckError>>>>;
 
 /// Runs one protocol violation by raw role `role` against a master that also
 /// serves a normal worker, and checks everything the master must do.
@@ -474,20 +205,14 @@ fn violation(role: &str, kill_raw: bool, expected: impl Fn(&ProtocolError) -> bo
     let normal = m.r.spawn(worker_command("echo")).unwrap();
     let raw = m.r.spawn(worker_command(role)).unwrap();
     // An ack pending on the raw worker (queued until its hello).
-    let outcomes: Outcomes<u32> = Rc::default();
-    let o = outcomes.clone();
-    m.r.send_to(raw, "ping", &1u32, None)
-        .within(Duration::from_secs(20))
-        .ackd(move |_r, res: Result<u32, AckError>| o.borrow_mut().push(res))
-        .unwrap();
+    let outcomes = m.send_acked::<_, u32>(raw, "ping", &1u32, Duration::from_secs(20));
     m.echo(normal, 1);
 
     m.wait_event(raw, |e| matches!(e, Ev::Protocol(_)));
     m.settle();
     assert_eq!(*outcomes.borrow(), vec![Err(AckError::Disconnected)], "the pending ack fails exactly once");
     assert_eq!(m.r.stats().protocol_errors, 1);
-    let violations: Vec<ProtocolError> =
-        m.events_of(raw).into_iter().filter_map(|e| if let Ev::Protocol(p) = e { Some(p) } else { None }).collect();
+    let violations = m.protocol_errors_of(raw);
     assert_eq!(violations.len(), 1, "{:?}", m.events_of(raw));
     assert!(expected(&violations[0]), "unexpected protocol error {:?}", violations[0]);
     assert!(!m.r.is_ready(raw));
@@ -558,6 +283,26 @@ fn ack_for_a_sequence_never_issued_closes_the_channel_and_its_fd() {
     violation("badseq", false, |e| matches!(e, ProtocolError::UnknownSequence(999)));
 }
 
+/// Logs the reason of every message the master could not hand to a handler.
+fn record_unhandled(m: &mut Master) -> Rc<RefCell<Vec<AckError>>> {
+    let unhandled: Rc<RefCell<Vec<AckError>>> = Rc::default();
+    let u = unhandled.clone();
+    m.r.on_unhandled(move |_r, info| u.borrow_mut().push(info.reason.clone()));
+    unhandled
+}
+
+/// Spawns the normal worker and the raw role `role`, which answers the ping
+/// with 41, runs its own checks and exits; returns (normal, raw).
+fn run_to_completion(m: &mut Master, role: &str) -> (WorkerId, WorkerId) {
+    let normal = m.r.spawn(worker_command("echo")).unwrap();
+    let raw = m.r.spawn(worker_command(role)).unwrap();
+    let outcomes = m.send_acked::<_, u32>(raw, "ping", &1u32, LIMIT);
+    let status = m.wait_exit(raw);
+    assert!(status.success(), "the raw peer's own checks failed: {status}");
+    assert_eq!(*outcomes.borrow(), vec![Ok(41)]);
+    (normal, raw)
+}
+
 #[test]
 fn undecodable_payload_to_typed_handler_is_bad_payload_not_a_protocol_error() {
     let _guard = deadline(Duration::from_secs(25));
@@ -569,18 +314,8 @@ fn undecodable_payload_to_typed_handler_is_bad_payload_not_a_protocol_error() {
         let _ = msg.reply.ok(&(msg.payload + 1));
     })
     .unwrap();
-    let unhandled: Rc<RefCell<Vec<AckError>>> = Rc::default();
-    let u = unhandled.clone();
-    m.r.on_unhandled(move |_r, info| u.borrow_mut().push(info.reason.clone()));
-    let normal = m.r.spawn(worker_command("echo")).unwrap();
-    let raw = m.r.spawn(worker_command("badpayload")).unwrap();
-    let outcomes: Outcomes<u32> = Rc::default();
-    let o = outcomes.clone();
-    m.r.send_to(raw, "ping", &1u32, None).ackd(move |_r, res: Result<u32, AckError>| o.borrow_mut().push(res)).unwrap();
-
-    let status = m.wait_exit(raw);
-    assert!(status.success(), "the raw peer's own checks failed: {status}");
-    assert_eq!(*outcomes.borrow(), vec![Ok(41)]);
+    let unhandled = record_unhandled(&mut m);
+    let (normal, raw) = run_to_completion(&mut m, "badpayload");
     assert_eq!(*calls.borrow(), vec![7], "the handler runs only for the payload that decodes");
     let reasons = unhandled.borrow().clone();
     assert_eq!(reasons.len(), 2, "{reasons:?}");
@@ -601,18 +336,8 @@ fn unknown_command_without_ack_gets_no_reply_at_all() {
         let _ = msg.reply.ok(&msg.payload);
     })
     .unwrap();
-    let unhandled: Rc<RefCell<Vec<AckError>>> = Rc::default();
-    let u = unhandled.clone();
-    m.r.on_unhandled(move |_r, info| u.borrow_mut().push(info.reason.clone()));
-    let normal = m.r.spawn(worker_command("echo")).unwrap();
-    let raw = m.r.spawn(worker_command("nohandler")).unwrap();
-    let outcomes: Outcomes<u32> = Rc::default();
-    let o = outcomes.clone();
-    m.r.send_to(raw, "ping", &1u32, None).ackd(move |_r, res: Result<u32, AckError>| o.borrow_mut().push(res)).unwrap();
-
-    let status = m.wait_exit(raw);
-    assert!(status.success(), "the raw peer's own checks failed: {status}");
-    assert_eq!(*outcomes.borrow(), vec![Ok(41)]);
+    let unhandled = record_unhandled(&mut m);
+    let (normal, _raw) = run_to_completion(&mut m, "nohandler");
     let reasons = unhandled.borrow().clone();
     assert!(
         matches!(

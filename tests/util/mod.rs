@@ -4,6 +4,9 @@
 //! `worker_entry` test with `CP_TEST_ROLE` naming the role to play.
 #![allow(dead_code)]
 
+pub mod events;
+pub mod raw;
+
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
