@@ -10,7 +10,11 @@
 //!
 //! Other flags: `--only rtt,oneway,window,big,fd,ack,allocs,mem` (phases to run),
 //! `--impl clusterphone,raw-blocking,raw-mio` (implementations to run),
-//! `--watchdog SECS` (abort a stuck run; default 300, or 60 with `--quick`).
+//! `--watchdog SECS` (abort a stuck run; default 300, or 60 with `--quick`),
+//! `--cap-ms MS` (wall-clock cap of one timed phase; default 4000, or 700 with
+//! `--quick`; raise it for runs under valgrind). The experimental baseline
+//! `raw-mio-lazyw` (mio, registered for WRITABLE only while a write is
+//! pending) runs only when named in `--impl`.
 //! Unknown arguments (such as the `--bench` cargo adds) are ignored.
 //!
 //! One binary plays both roles: the master re-executes itself as the worker
@@ -23,6 +27,21 @@
 //!
 //! Output: a human table, then one JSON line per figure:
 //! `{"impl": .., "metric": .., "value": .., "unit": .., "n": .., "placement": ..}`.
+//!
+//! Figures (payload `{key: "value", n}`; `n` in JSON is the sample count):
+//! - `rtt_p50_us`, `rtt_p99_us`: request → ack round trips, one at a time, after warm-up.
+//! - `oneway_msgs_per_s`: messages without ack, until the worker confirms the count.
+//! - `window_msgs_per_s`: acked requests with 64 outstanding.
+//! - `big_MBps`, `big_rtt_p50_us`: 64 KiB `Bytes` echo; MB/s = 10^6 payload bytes
+//!   echoed per second (each payload crosses twice).
+//! - `fd_per_s`: one fresh fd per message (dup of a pipe end), closed by both sides.
+//! - `ack_cpu_ns_1k`, `ack_cpu_ns_100k`: master CPU time (CLOCK_PROCESS_CPUTIME_ID)
+//!   per ack, sending 1,000 (repeatedly) or 100,000 acked requests, then polling
+//!   until every reply is in. No raw-blocking figure: blocking both ways deadlocks.
+//! - `rtt_allocs_per_op`, `oneway_allocs_per_msg`: heap allocations per operation,
+//!   master and worker together (the counting allocator is on only for these).
+//! - `mem_per_worker_bytes`: master heap growth per connected idle worker (8 of them).
+//! - `mem_per_pending_ack_bytes`: master heap growth per pending ack, 100,000 pending.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::{Cell, RefCell};
@@ -148,6 +167,8 @@ fn payload() -> Payload {
 enum Mode {
     Blocking,
     Mio,
+    /// Mio, but interested in WRITABLE only while a write is pending (experiment).
+    MioLazy,
     Busy,
 }
 
@@ -175,6 +196,7 @@ enum Impl {
     Cp,
     RawBlocking,
     RawMio,
+    RawMioLazy,
     CpBusy,
     RawBusy,
 }
@@ -185,6 +207,7 @@ impl Impl {
             Impl::Cp => "clusterphone",
             Impl::RawBlocking => "raw-blocking",
             Impl::RawMio => "raw-mio",
+            Impl::RawMioLazy => "raw-mio-lazyw",
             Impl::CpBusy => "clusterphone-busy",
             Impl::RawBusy => "raw-busy",
         }
@@ -195,6 +218,7 @@ impl Impl {
             Impl::Cp | Impl::CpBusy => None,
             Impl::RawBlocking => Some(Mode::Blocking),
             Impl::RawMio => Some(Mode::Mio),
+            Impl::RawMioLazy => Some(Mode::MioLazy),
             Impl::RawBusy => Some(Mode::Busy),
         }
     }
@@ -206,10 +230,10 @@ impl Impl {
 fn pin_to(cpu: usize) -> io::Result<()> {
     // SAFETY: cpu_set_t is plain data, so all-zero is a valid empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET writes one bit inside `set`; `cpu` is checked against its size first.
     if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
+    // SAFETY: CPU_SET writes one bit inside `set`, and `cpu` is within its size (checked above).
     unsafe { libc::CPU_SET(cpu, &mut set) };
     // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is this thread.
     let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
@@ -331,6 +355,8 @@ struct RawIo {
     out_pos: usize,
     fds_received: u64,
     poller: Option<(Poll, Events)>,
+    /// MioLazy: WRITABLE is currently part of the registration.
+    want_writable: bool,
     scratch: Vec<u8>,
 }
 
@@ -349,10 +375,11 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
 impl RawIo {
     fn new(sock: UnixStream, mode: Mode, fd_mode: bool) -> io::Result<RawIo> {
         sock.set_nonblocking(mode != Mode::Blocking)?;
-        let poller = if mode == Mode::Mio {
+        let poller = if matches!(mode, Mode::Mio | Mode::MioLazy) {
             let poll = Poll::new()?;
             let raw = sock.as_raw_fd();
-            poll.registry().register(&mut SourceFd(&raw), Token(0), Interest::READABLE | Interest::WRITABLE)?;
+            let interest = if mode == Mode::Mio { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            poll.registry().register(&mut SourceFd(&raw), Token(0), interest)?;
             Some((poll, Events::with_capacity(8)))
         } else {
             None
@@ -368,6 +395,7 @@ impl RawIo {
             out_pos: 0,
             fds_received: 0,
             poller,
+            want_writable: false,
             scratch: Vec::with_capacity(256),
         })
     }
@@ -460,13 +488,26 @@ impl RawIo {
         while self.out_pos < self.out.len() {
             match (&self.sock).write(&self.out[self.out_pos..]) {
                 Ok(n) => self.out_pos += n,
-                Err(e) if would_block(&e) => return Ok(()),
+                Err(e) if would_block(&e) => return self.set_writable_interest(true),
                 Err(e) if interrupted(&e) => continue,
                 Err(e) => return Err(e),
             }
         }
         self.out.clear();
         self.out_pos = 0;
+        self.set_writable_interest(false)
+    }
+
+    /// MioLazy only: ask for writable events exactly while bytes wait.
+    fn set_writable_interest(&mut self, on: bool) -> io::Result<()> {
+        if self.mode != Mode::MioLazy || self.want_writable == on {
+            return Ok(());
+        }
+        let Some((poll, _)) = &self.poller else { return Ok(()) };
+        let interest = if on { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+        let raw = self.sock.as_raw_fd();
+        poll.registry().reregister(&mut SourceFd(&raw), Token(0), interest)?;
+        self.want_writable = on;
         Ok(())
     }
 
@@ -526,6 +567,7 @@ impl RawIo {
                     Ok(n) => break n,
                     Err(e) if interrupted(&e) => continue,
                     Err(e) if would_block(&e) || e.raw_os_error() == Some(libc::ETOOMANYREFS) => {
+                        self.set_writable_interest(true)?;
                         self.wait_progress()?
                     }
                     Err(e) => return Err(e),
@@ -537,7 +579,7 @@ impl RawIo {
                 Ok(n) => sent += n,
                 Err(e) if would_block(&e) => {
                     self.out.extend_from_slice(&frame[sent..]);
-                    return Ok(());
+                    return self.set_writable_interest(true);
                 }
                 Err(e) if interrupted(&e) => continue,
                 Err(e) => return Err(e),
@@ -731,12 +773,20 @@ struct Opts {
     only: Option<Vec<String>>,
     impls: Option<Vec<String>>,
     watchdog: u64,
+    cap_ms: Option<u64>,
 }
 
 impl Opts {
     fn parse() -> Opts {
-        let mut o =
-            Opts { placement: Placement::Split, busy: false, quick: false, only: None, impls: None, watchdog: 0 };
+        let mut o = Opts {
+            placement: Placement::Split,
+            busy: false,
+            quick: false,
+            only: None,
+            impls: None,
+            watchdog: 0,
+            cap_ms: None,
+        };
         let mut args = std::env::args().skip(1);
         let list = |s: String| -> Vec<String> { s.split(',').map(|x| x.trim().to_owned()).collect() };
         while let Some(a) = args.next() {
@@ -758,6 +808,7 @@ impl Opts {
                 "--quick" => o.quick = true,
                 "--only" => o.only = value(&mut args).map(list),
                 "--impl" => o.impls = value(&mut args).map(list),
+                "--cap-ms" => o.cap_ms = value(&mut args).and_then(|v| v.parse().ok()),
                 "--watchdog" => o.watchdog = value(&mut args).and_then(|v| v.parse().ok()).unwrap_or(0),
                 _ => {} // e.g. cargo's --bench
             }
@@ -1432,7 +1483,10 @@ fn master_main() -> Res<()> {
         notes.push(format!("could not pin the master to CPU 0: {e}"));
     }
     start_watchdog(Duration::from_secs(opts.watchdog), 3);
-    let s = Sizes::new(opts.quick);
+    let mut s = Sizes::new(opts.quick);
+    if let Some(ms) = opts.cap_ms {
+        s.cap = Duration::from_millis(ms);
+    }
     let mut config = Config::default();
     if opts.busy {
         config.busy_poll = Some(BUSY_WINDOW);
@@ -1461,8 +1515,12 @@ fn master_main() -> Res<()> {
             b.rtt(imp)?;
         }
     } else {
-        let impls: Vec<Impl> =
-            [Impl::Cp, Impl::RawBlocking, Impl::RawMio].into_iter().filter(|&i| b.opts.runs(i)).collect();
+        // raw-mio-lazyw is an experiment: run only when named in --impl.
+        let lazy = b.opts.impls.as_ref().is_some_and(|l| l.iter().any(|x| x == Impl::RawMioLazy.name()));
+        let impls: Vec<Impl> = [Impl::Cp, Impl::RawBlocking, Impl::RawMio, Impl::RawMioLazy]
+            .into_iter()
+            .filter(|&i| b.opts.runs(i) && (i != Impl::RawMioLazy || lazy))
+            .collect();
         type Phase = fn(&mut Bench, Impl) -> Res<()>;
         let phases: [(&str, Phase); 5] = [
             ("rtt", Bench::rtt),

@@ -21,7 +21,7 @@ pub struct Reply(pub(crate) Vec<u8>);
 impl Reply {
     /// Decodes the reply into any `Deserialize` type.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, Error> {
-        ciborium::from_reader(&self.0[..]).map_err(|e| Error::Decode(e.to_string()))
+        codec::decode_cbor(&self.0[..]).map_err(Error::Decode)
     }
 }
 
@@ -34,7 +34,7 @@ impl fmt::Debug for Reply {
 pub(crate) type Outcome = Result<Reply, AckError>;
 
 pub(crate) fn decode_outcome<R: DeserializeOwned>(o: Outcome) -> Result<R, AckError> {
-    o.and_then(|r| ciborium::from_reader(&r.0[..]).map_err(|e| AckError::BadReply(e.to_string())))
+    o.and_then(|r| codec::decode_cbor(&r.0[..]).map_err(AckError::BadReply))
 }
 
 type AckCallback = Box<dyn FnOnce(&mut Reactor, Outcome)>;

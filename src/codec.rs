@@ -22,6 +22,21 @@ use serde::Serialize;
 
 use crate::error::{Error, ProtocolError};
 
+/// Decodes CBOR like `ciborium::from_reader`, but with a reused scratch
+/// buffer: `from_reader` zeroes a fresh 4 KiB stack array on every call.
+pub(crate) fn decode_cbor<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0u8; 4096 + 1024].into_boxed_slice());
+    }
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut scratch) => {
+            ciborium::de::from_reader_with_buffer(bytes, &mut scratch[320..320 + 4096]).map_err(|e| e.to_string())
+        }
+        // A Deserialize impl that itself decodes CBOR: fall back.
+        Err(_) => ciborium::from_reader(bytes).map_err(|e| e.to_string()),
+    })
+}
+
 /// Bytes in a frame header, length field included.
 pub const HEADER_LEN: usize = 20;
 /// Size of the length prefix.
@@ -32,8 +47,10 @@ pub const MAGIC: u8 = 0xC7;
 pub const FLAG_ACK: u8 = 1;
 /// Protocol version carried in hello frames.
 pub const PROTOCOL_VERSION: u32 = 1;
-/// Bytes read from the socket at a time when no larger frame is pending.
+/// Bytes read from the socket at a time when no larger frame is pending: a
+/// quiet connection starts small and the chunk doubles while reads fill it.
 const READ_CHUNK: usize = 64 * 1024;
+const FIRST_READ_CHUNK: usize = 4 * 1024;
 /// An idle receive buffer larger than this is given back to the allocator.
 const SHRINK_ABOVE: usize = 1024 * 1024;
 
@@ -127,6 +144,8 @@ fn encode_inner(
     let ns_len = u16::try_from(env.ns.len()).map_err(|_| Error::NameTooLong)?;
     let cmd_len = u16::try_from(env.cmd.len()).map_err(|_| Error::NameTooLong)?;
     let start = out.len();
+    // Header, names and a small payload in one allocation (the payload may still grow it).
+    out.reserve(HEADER_LEN + env.ns.len() + env.cmd.len() + 64);
     out.extend_from_slice(&[0; LEN_FIELD]);
     out.extend_from_slice(&[MAGIC, env.kind as u8, env.flags, env.nfds]);
     out.extend_from_slice(&env.seq.to_le_bytes());
@@ -180,20 +199,33 @@ pub struct Decoder {
     fds: VecDeque<OwnedFd>,
     max_frame: usize,
     max_fds: usize,
+    /// Current read chunk, from `FIRST_READ_CHUNK` up to `READ_CHUNK`.
+    chunk: usize,
+    /// Size of the last `read_buf` offered.
+    offered: usize,
 }
 
 impl Decoder {
     /// A decoder that refuses frames above `max_frame` bytes (header included)
     /// and holds at most `max_fds` received fds not yet claimed by a frame.
     pub fn new(max_frame: usize, max_fds: usize) -> Decoder {
-        Decoder { buf: Vec::new(), start: 0, end: 0, fds: VecDeque::new(), max_frame, max_fds }
+        Decoder {
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            fds: VecDeque::new(),
+            max_frame,
+            max_fds,
+            chunk: FIRST_READ_CHUNK,
+            offered: 0,
+        }
     }
 
     /// Space to read into: at least one read chunk, or the rest of the frame
     /// that is pending if that is larger (never more than the limit allows).
     pub fn read_buf(&mut self) -> &mut [u8] {
         let pending = self.buffered();
-        let mut want = READ_CHUNK;
+        let mut want = self.chunk;
         if pending >= LEN_FIELD {
             let len = self.frame_len_at(self.start);
             if len <= self.max_frame {
@@ -210,11 +242,15 @@ impl Decoder {
                 self.buf.resize(self.end + want, 0);
             }
         }
+        self.offered = self.buf.len() - self.end;
         &mut self.buf[self.end..]
     }
 
     /// Marks `n` bytes of `read_buf` as filled.
     pub fn filled(&mut self, n: usize) {
+        if n >= self.offered && self.chunk < READ_CHUNK {
+            self.chunk *= 2;
+        }
         self.end = (self.end + n).min(self.buf.len());
     }
 

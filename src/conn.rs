@@ -67,6 +67,8 @@ pub(crate) struct Conn {
     queued_fds: usize,
     /// A write hit EAGAIN; wait for the writable edge.
     pub(crate) blocked: bool,
+    /// WRITABLE is part of the socket's registration (only while blocked).
+    pub(crate) write_interest: bool,
     pool: Vec<Vec<u8>>,
     fd_scratch: VecDeque<OwnedFd>,
     pub(crate) frames_written: u64,
@@ -86,6 +88,7 @@ impl Conn {
             queued_bytes: 0,
             queued_fds: 0,
             blocked: false,
+            write_interest: false,
             pool: Vec::new(),
             fd_scratch: VecDeque::new(),
             frames_written: 0,

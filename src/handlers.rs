@@ -5,10 +5,32 @@
 //! borrow; afterwards it is put back only if its slot was left untouched.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::OwnedFd;
 
 use crate::ack::Responder;
 use crate::{Peer, Reactor};
+
+/// FxHash: names are short and SipHash costs more than the whole lookup.
+/// Only our own registrations are inserted, so a peer's names cannot flood
+/// the table with collisions (hash-DoS needs inserts).
+#[derive(Default)]
+pub(crate) struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+}
+
+type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
 /// The namespace used when none is named.
 pub const DEFAULT_NAMESPACE: &str = "_";
@@ -44,7 +66,7 @@ pub(crate) enum Lookup {
 
 #[derive(Default)]
 pub(crate) struct Handlers {
-    spaces: HashMap<String, HashMap<String, Slot>>,
+    spaces: FxMap<String, FxMap<String, Slot>>,
     next_generation: u64,
 }
 

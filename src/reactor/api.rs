@@ -33,10 +33,9 @@ impl Reactor {
     {
         check_command(cmd)?;
         let wrapped =
-            Box::new(move |r: &mut Reactor, inc: Incoming<'_>| match ciborium::from_reader::<T, _>(inc.payload) {
+            Box::new(move |r: &mut Reactor, inc: Incoming<'_>| match crate::codec::decode_cbor::<T>(inc.payload) {
                 Ok(payload) => handler(r, Message { from: inc.from, payload, fd: inc.fd, reply: inc.responder }),
-                Err(e) => {
-                    let text = e.to_string();
+                Err(text) => {
                     if inc.responder.wanted() {
                         inc.responder.fail_code(fail::BAD_PAYLOAD, &text);
                     }
@@ -300,6 +299,15 @@ impl Reactor {
         let (before, calls_before) = (conn.frames_written, conn.write_calls);
         let bytes_before = conn.bytes_written;
         let r = conn.flush();
+        // Ask for writable edges only while the socket is full: a permanent
+        // WRITABLE interest wakes us each time the peer consumes our data.
+        let want = matches!(r, Ok(Flushed::Blocked));
+        if want != conn.write_interest {
+            let interest = if want { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            if self.poll.registry().reregister(&mut conn.stream, Self::socket_token(key), interest).is_ok() {
+                conn.write_interest = want;
+            }
+        }
         self.stats.frames_written += conn.frames_written - before;
         self.stats.write_calls += conn.write_calls - calls_before;
         self.stats.bytes_written += conn.bytes_written - bytes_before;

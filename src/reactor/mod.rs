@@ -244,11 +244,7 @@ impl Reactor {
     pub(crate) fn add_link(&mut self, mut link: Link) -> Result<usize, Error> {
         let key = self.links.vacant_key();
         if let Some(conn) = link.conn.as_mut() {
-            self.poll.registry().register(
-                &mut conn.stream,
-                Self::socket_token(key),
-                Interest::READABLE | Interest::WRITABLE,
-            )?;
+            self.poll.registry().register(&mut conn.stream, Self::socket_token(key), Interest::READABLE)?;
         }
         if let Some(pidfd) = &link.pidfd {
             let raw = pidfd.as_raw_fd();
