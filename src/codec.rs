@@ -300,7 +300,7 @@ impl Decoder {
 
     fn frame_len_at(&self, at: usize) -> usize {
         let b = &self.buf[at..at + LEN_FIELD];
-        u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize + LEN_FIELD
+        (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize).saturating_add(LEN_FIELD)
     }
 
     /// The next whole frame, `None` if more bytes are needed, or the first

@@ -21,7 +21,8 @@ pub struct Config {
     pub max_queue_bytes: usize,
     /// fds that may wait in one connection's write queue (default 1024).
     pub max_queue_fds: usize,
-    /// Received fds that may wait for their frame on one connection (default 1024).
+    /// Received fds that may wait for their frame on one connection (default
+    /// 256: a well-behaved peer never has more than 64 ahead of their frames).
     pub max_received_fds: usize,
     /// Frames dispatched per connection per `poll` before yielding (default 1024).
     pub frames_per_poll: usize,
@@ -40,7 +41,7 @@ impl Default for Config {
             max_frame: 16 << 20,
             max_queue_bytes: 64 << 20,
             max_queue_fds: 1024,
-            max_received_fds: 1024,
+            max_received_fds: 256,
             frames_per_poll: 1024,
             hangup_grace: Duration::from_millis(50),
             busy_poll: None,

@@ -28,6 +28,9 @@ struct OutFrame {
     buf: Vec<u8>,
     /// The fd to attach; `None` once handed to the kernel (or none at all).
     fd: Option<OwnedFd>,
+    /// The fd went out with an earlier `sendmsg`, ahead of this frame's bytes:
+    /// the peer pairs it with this frame, so the frame can no longer be cancelled.
+    fd_sent: bool,
 }
 
 /// What one flush achieved.
@@ -71,6 +74,8 @@ pub(crate) struct Conn {
     pub(crate) write_interest: bool,
     pool: Vec<Vec<u8>>,
     fd_scratch: VecDeque<OwnedFd>,
+    /// Raw fds gathered for one `sendmsg` (kept to avoid reallocating).
+    fd_list: Vec<RawFd>,
     pub(crate) frames_written: u64,
     pub(crate) write_calls: u64,
     pub(crate) bytes_written: u64,
@@ -91,6 +96,7 @@ impl Conn {
             write_interest: false,
             pool: Vec::new(),
             fd_scratch: VecDeque::new(),
+            fd_list: Vec::new(),
             frames_written: 0,
             write_calls: 0,
             bytes_written: 0,
@@ -127,7 +133,7 @@ impl Conn {
     pub(crate) fn push(&mut self, buf: Vec<u8>, fd: Option<OwnedFd>) -> u64 {
         self.queued_bytes += buf.len();
         self.queued_fds += usize::from(fd.is_some());
-        self.queue.push_back(OutFrame { buf, fd });
+        self.queue.push_back(OutFrame { buf, fd, fd_sent: false });
         self.front_qseq + self.queue.len() as u64 - 1
     }
 
@@ -137,7 +143,7 @@ impl Conn {
         debug_assert_eq!(self.front_written, 0);
         self.queued_bytes += buf.len();
         self.front_qseq -= 1;
-        self.queue.push_front(OutFrame { buf, fd: None });
+        self.queue.push_front(OutFrame { buf, fd: None, fd_sent: false });
     }
 
     /// Removes a queued frame that has not started to be written, closing its
@@ -149,7 +155,7 @@ impl Conn {
             return false;
         }
         let Some(f) = self.queue.get_mut(idx) else { return false };
-        if f.buf.is_empty() {
+        if f.buf.is_empty() || f.fd_sent {
             return false;
         }
         self.queued_bytes -= f.buf.len();
@@ -176,32 +182,47 @@ impl Conn {
             if self.queue.is_empty() {
                 return Ok(Flushed::All);
             }
-            let mut iov = [IoSlice::new(&[]); MAX_IOV];
-            let mut fds = [0 as RawFd; sys::MAX_FDS_PER_CALL];
-            let (mut niov, mut nfds, mut gathered) = (0, 0, 0);
-            for (i, f) in self.queue.iter().enumerate() {
-                if niov == MAX_IOV || (niov > 0 && gathered >= MAX_GATHER) {
-                    break;
-                }
-                if f.fd.is_some() {
-                    if nfds == fds.len() {
+            let mut fds = std::mem::take(&mut self.fd_list);
+            fds.clear();
+            let one;
+            let mut many;
+            let (iov, niov): (&[IoSlice<'_>], usize) = if self.queue.len() == 1 {
+                // The common case (request/reply): no gather array to set up.
+                let f = &self.queue[0];
+                fds.extend(f.fd.as_ref().map(|fd| fd.as_raw_fd()));
+                one = [IoSlice::new(&f.buf[self.front_written..])];
+                (&one, 1)
+            } else {
+                many = [IoSlice::new(&[]); MAX_IOV];
+                let (mut niov, mut gathered) = (0, 0);
+                for (i, f) in self.queue.iter().enumerate() {
+                    if niov == MAX_IOV || (niov > 0 && gathered >= MAX_GATHER) {
                         break;
                     }
-                    fds[nfds] = f.fd.as_ref().map_or(-1, |fd| fd.as_raw_fd());
-                    nfds += 1;
+                    if let Some(fd) = &f.fd {
+                        if fds.len() == sys::MAX_FDS_PER_CALL {
+                            break;
+                        }
+                        fds.push(fd.as_raw_fd());
+                    }
+                    let bytes = if i == 0 { &f.buf[self.front_written..] } else { &f.buf[..] };
+                    many[niov] = IoSlice::new(bytes);
+                    niov += 1;
+                    gathered += bytes.len();
                 }
-                let bytes = if i == 0 { &f.buf[self.front_written..] } else { &f.buf[..] };
-                iov[niov] = IoSlice::new(bytes);
-                niov += 1;
-                gathered += bytes.len();
-            }
-            match sys::send_with_fds(sock, &iov[..niov], &fds[..nfds]) {
+                (&many[..niov], niov)
+            };
+            let nfds = fds.len();
+            let sent = sys::send_with_fds(sock, iov, &fds);
+            self.fd_list = fds;
+            match sent {
                 Ok(n) => {
                     self.write_calls += 1;
                     if nfds > 0 && n > 0 {
                         // The kernel took every fd of this call: close ours.
                         for f in self.queue.iter_mut().take(niov) {
                             if f.fd.take().is_some() {
+                                f.fd_sent = true;
                                 self.queued_fds -= 1;
                             }
                         }

@@ -40,7 +40,21 @@ pub(crate) fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: `fds` is a valid, writable array of two ints, as socketpair(2) requires.
     cvt(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) })?;
     // SAFETY: socketpair succeeded, so both fds are open and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok((above_stdio(a)?, above_stdio(b)?))
+}
+
+/// Moves an fd that landed on 0, 1 or 2 (a master that closed its stdio) to
+/// 3 or above: the child's stdio setup would overwrite it, and writes meant
+/// for stdout or stderr would go into the channel.
+fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC on an open fd we own only creates a new descriptor.
+    let new = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) })?;
+    // SAFETY: fcntl returned a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
 fn fcntl_flags(fd: BorrowedFd<'_>, get: libc::c_int, set: libc::c_int, bit: libc::c_int, on: bool) -> io::Result<()> {
@@ -76,6 +90,9 @@ fn sockopt_int(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
 /// The caller (`attach`) removes the environment variable naming the fd before
 /// anything else can read it, so only one `OwnedFd` ever exists for it.
 pub(crate) fn adopt_channel_fd(raw: RawFd) -> io::Result<OwnedFd> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// Set by the first adoption: two threads attaching at once must not both own the fd.
+    static ADOPTED: AtomicBool = AtomicBool::new(false);
     if raw < 0 {
         return Err(io::Error::from_raw_os_error(libc::EBADF));
     }
@@ -86,9 +103,12 @@ pub(crate) fn adopt_channel_fd(raw: RawFd) -> io::Result<OwnedFd> {
     if domain != libc::AF_UNIX || kind != libc::SOCK_STREAM {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "channel fd is not a Unix stream socket"));
     }
+    if ADOPTED.swap(true, Ordering::SeqCst) {
+        return Err(io::Error::new(io::ErrorKind::AlreadyExists, "the channel fd was adopted already"));
+    }
     // SAFETY: the fd is open (checked above) and was handed to this process
-    // for the channel alone; the env variable naming it is removed by our caller,
-    // so no second owner can be created through this crate.
+    // for the channel alone; the env variable naming it is removed by our
+    // caller and ADOPTED makes this the only adoption in the process.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
@@ -127,7 +147,8 @@ pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
 /// a SIGPIPE. If any byte is written, the kernel has taken every fd.
 pub(crate) fn send_with_fds(sock: RawFd, bufs: &[IoSlice<'_>], fds: &[RawFd]) -> io::Result<usize> {
     debug_assert!(fds.len() <= MAX_FDS_PER_CALL);
-    let mut cmsg = [0u64; CMSG_WORDS];
+    // Left uninitialised: only the prefix a call uses is zeroed (most sends carry no fd).
+    let mut cmsg = mem::MaybeUninit::<[u64; CMSG_WORDS]>::uninit();
     // SAFETY: an all-zero msghdr is a valid "no name, no control" header.
     let mut msg: libc::msghdr = unsafe { mem::zeroed() };
     msg.msg_iov = bufs.as_ptr() as *mut libc::iovec; // IoSlice is ABI-compatible with iovec.
@@ -136,12 +157,14 @@ pub(crate) fn send_with_fds(sock: RawFd, bufs: &[IoSlice<'_>], fds: &[RawFd]) ->
         let data_len = mem::size_of_val(fds) as libc::c_uint;
         // SAFETY: CMSG_SPACE is a pure size computation.
         let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
-        debug_assert!(space <= mem::size_of_val(&cmsg));
+        assert!(space <= mem::size_of_val(&cmsg));
         msg.msg_control = cmsg.as_mut_ptr().cast();
         msg.msg_controllen = space as _;
-        // SAFETY: msg_control points at `space` zeroed, aligned bytes we own, so
-        // CMSG_FIRSTHDR is non-null and the header plus `data_len` bytes fit in it.
+        // SAFETY: msg_control points at `space` aligned bytes we own (checked
+        // above); we zero them first, so CMSG_FIRSTHDR is non-null and the
+        // header plus `data_len` bytes fit in it.
         unsafe {
+            std::ptr::write_bytes(cmsg.as_mut_ptr().cast::<u8>(), 0, space);
             let hdr = libc::CMSG_FIRSTHDR(&msg);
             (*hdr).cmsg_level = libc::SOL_SOCKET;
             (*hdr).cmsg_type = libc::SCM_RIGHTS;
@@ -162,7 +185,8 @@ pub(crate) struct Received {
 
 /// Receives into `buf`, appending any fds (close-on-exec) to `fds` in order.
 pub(crate) fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut VecDeque<OwnedFd>) -> io::Result<Received> {
-    let mut cmsg = [0u64; CMSG_WORDS];
+    // The kernel fills it; we read only the headers within the msg_controllen it reports.
+    let mut cmsg = mem::MaybeUninit::<[u64; CMSG_WORDS]>::uninit();
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     // SAFETY: an all-zero msghdr is valid; we fill in the buffers below.
     let mut msg: libc::msghdr = unsafe { mem::zeroed() };
@@ -173,13 +197,14 @@ pub(crate) fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut VecDeque<Owne
     // SAFETY: iov covers `buf`, which we borrow mutably; the control buffer is ours.
     let n = cvt_size(unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT) })?;
     // SAFETY: after a successful recvmsg the kernel has written well-formed
-    // cmsg headers within msg_controllen; CMSG_NXTHDR stays inside that range.
+    // cmsg headers within msg_controllen (which it set to what it wrote);
+    // CMSG_FIRSTHDR/CMSG_NXTHDR read only inside that initialised range.
     unsafe {
         let mut hdr = libc::CMSG_FIRSTHDR(&msg);
         while !hdr.is_null() {
             if (*hdr).cmsg_level == libc::SOL_SOCKET && (*hdr).cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(hdr);
-                let payload = (*hdr).cmsg_len as usize - (data as usize - hdr as usize);
+                let payload = ((*hdr).cmsg_len as usize).saturating_sub(data as usize - hdr as usize);
                 let count = payload / mem::size_of::<RawFd>();
                 for i in 0..count {
                     let raw = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
@@ -191,11 +216,4 @@ pub(crate) fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut VecDeque<Owne
         }
     }
     Ok(Received { bytes: n, truncated: msg.msg_flags & libc::MSG_CTRUNC != 0 })
-}
-
-/// Borrows the reactor's epoll fd for `AsFd`.
-pub(crate) fn borrow_raw<'a>(fd: RawFd) -> BorrowedFd<'a> {
-    // SAFETY: callers pass the fd of a `mio::Poll` they own and tie the
-    // returned lifetime to it, so the fd stays open while borrowed.
-    unsafe { BorrowedFd::borrow_raw(fd) }
 }

@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-/// Wheel resolution.
-const TICK: Duration = Duration::from_millis(1);
+// Wheel resolution: one tick is one millisecond (`tick_of`, `instant_of`).
 /// Slots per turn (a power of two): one turn is about one second.
 const SLOTS: usize = 1024;
 
@@ -52,13 +51,15 @@ impl<T> Wheel<T> {
 
     fn tick_of(&self, at: Instant) -> u64 {
         let d = at.saturating_duration_since(self.origin);
-        // Round up, so a timer never fires before its deadline.
-        let t = d.as_nanos().div_ceil(TICK.as_nanos());
-        u64::try_from(t).unwrap_or(u64::MAX)
+        // Round up, so a timer never fires before its deadline (u64 math: no
+        // 128-bit division on the hot path).
+        let ms = d.as_secs().saturating_mul(1000);
+        ms.saturating_add(u64::from(d.subsec_nanos()).div_ceil(1_000_000))
     }
 
     fn instant_of(&self, tick: u64) -> Instant {
-        self.origin + TICK * u32::try_from(tick).unwrap_or(u32::MAX)
+        let d = Duration::from_millis(tick);
+        self.origin.checked_add(d).unwrap_or_else(|| far_future(self.origin))
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -153,6 +154,17 @@ impl<T> Wheel<T> {
     }
 }
 
+/// A time no timer will reach, for deadlines beyond what `Instant` can hold.
+pub(crate) fn far_future(from: Instant) -> Instant {
+    from + Duration::from_secs(100 * 365 * 86400)
+}
+
+/// `Instant::now() + d`, saturating instead of panicking on absurd durations.
+pub(crate) fn after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d).unwrap_or_else(|| far_future(now))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +193,14 @@ mod tests {
         assert_eq!(out, vec!['a', 'b']);
         assert_eq!(w.len(), 0);
         assert_eq!(w.next_deadline(), None);
+    }
+
+    #[test]
+    fn deadlines_after_49_days_are_not_clamped() {
+        let mut w = Wheel::new();
+        let far = w.origin + Duration::from_secs(60 * 86400);
+        w.insert(far, ());
+        assert!(w.next_deadline().unwrap() >= far - Duration::from_millis(1));
     }
 
     #[test]

@@ -56,9 +56,26 @@ fn worker_entry() {
     let mut r = Reactor::attach().expect("attach");
     match role.as_str() {
         "fdworker" => fd_worker(&mut r),
+        "slow-labels" => slow_label_worker(&mut r),
         other => panic!("unknown role {other}"),
     }
     util::serve(&mut r);
+}
+
+/// Reports each `label` message's payload with the text read from its fd,
+/// after a pause during which it reads nothing (so the master's writes back up).
+fn slow_label_worker(r: &mut Reactor) {
+    r.on("big", |_r, _m: Message<clusterphone::Bytes>| {}).unwrap();
+    r.on("label", |r, m: Message<String>| {
+        let mut got = String::new();
+        if let Some(fd) = m.fd {
+            let _ = UnixStream::from(fd).read_to_string(&mut got);
+        }
+        r.send_to_master("labelled", &(m.payload.clone(), got), None).send().unwrap();
+    })
+    .unwrap();
+    r.flush(REQ).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
 }
 
 fn fd_worker(r: &mut Reactor) {
@@ -116,7 +133,11 @@ fn fd_worker(r: &mut Reactor) {
 type Received = (Peer, u32, Option<OwnedFd>);
 
 fn ready_worker(r: &mut Reactor) -> clusterphone::WorkerId {
-    let w = r.spawn(util::worker_command("fdworker")).expect("spawn");
+    ready_worker_with(r, "fdworker")
+}
+
+fn ready_worker_with(r: &mut Reactor, role: &str) -> clusterphone::WorkerId {
+    let w = r.spawn(util::worker_command(role)).expect("spawn");
     util::poll_until(r, Duration::from_secs(10), |r| r.is_ready(w));
     w
 }
@@ -256,4 +277,39 @@ fn fd_to_unready_worker_is_refused_unless_forced() {
     assert_eq!(read_to_eof(&mut ours), greeting(pid, "handed back"));
     assert!(!*called.borrow(), "a refused send's callback is never called");
     r.shutdown(Duration::from_secs(2)).unwrap();
+}
+
+/// A socket end that yields `label` when read.
+fn labelled_fd(label: &str) -> OwnedFd {
+    let (mut ours, theirs) = UnixStream::pair().unwrap();
+    ours.write_all(label.as_bytes()).unwrap();
+    OwnedFd::from(theirs)
+}
+
+#[test]
+fn a_message_cancelled_after_its_fd_left_never_shifts_fds_onto_later_messages() {
+    let _d = util::deadline(Duration::from_secs(30));
+    let mut r = Reactor::master().unwrap();
+    let reports: Rc<RefCell<Vec<(String, String)>>> = Rc::default();
+    let rp = reports.clone();
+    r.on("labelled", move |_r, m: Message<(String, String)>| rp.borrow_mut().push(m.payload)).unwrap();
+    let w = ready_worker_with(&mut r, "slow-labels");
+    // A frame larger than the socket buffer, then an fd-carrying frame in the
+    // same sendmsg: the partial write hands A's fd to the kernel before A's bytes.
+    let outcome: Rc<RefCell<Option<Result<(), AckError>>>> = Rc::default();
+    let o = outcome.clone();
+    r.batch(|r| {
+        r.send_to(w, "big", &clusterphone::Bytes(vec![7u8; 600_000]), None).send().unwrap();
+        r.send_to(w, "label", &"A".to_string(), Some(labelled_fd("A")))
+            .within(Duration::from_millis(50))
+            .ackd(move |_r, res: Result<(), AckError>| *o.borrow_mut() = Some(res))
+            .unwrap();
+    });
+    util::poll_until(&mut r, REQ, |_| outcome.borrow().is_some());
+    r.send_to(w, "label", &"B".to_string(), Some(labelled_fd("B"))).send().unwrap();
+    util::poll_until(&mut r, REQ, |_| reports.borrow().iter().any(|(p, _)| p == "B"));
+    for (payload, label) in reports.borrow().iter() {
+        assert_eq!(payload, label, "message {payload:?} carried the fd of {label:?}");
+    }
+    r.shutdown(REQ).unwrap();
 }

@@ -1,6 +1,7 @@
 //! The user-facing API: handlers, namespaces, sending, and the worker's hello.
 
 use super::*;
+use crate::timer::after;
 
 impl Reactor {
     // ----- handlers -------------------------------------------------------
@@ -261,7 +262,7 @@ impl Reactor {
             let ack = self.acks.vacant_key();
             self.ack_serial += 1;
             let serial = self.ack_serial;
-            let timer = self.timers.insert(Instant::now() + timeout, Timer::Ack(ack, serial));
+            let timer = self.timers.insert(after(timeout), Timer::Ack(ack, serial));
             self.acks.insert(PendingAck { serial, link: id, seq, qseq, timer, done });
             link.pending.insert(seq, ack);
         }
@@ -304,8 +305,10 @@ impl Reactor {
         let want = matches!(r, Ok(Flushed::Blocked));
         if want != conn.write_interest {
             let interest = if want { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
-            if self.poll.registry().reregister(&mut conn.stream, Self::socket_token(key), interest).is_ok() {
-                conn.write_interest = want;
+            match self.poll.registry().reregister(&mut conn.stream, Self::socket_token(key), interest) {
+                Ok(()) => conn.write_interest = want,
+                // Without the writable edge the queue would stall: treat as broken.
+                Err(e) => self.broken.push((id, e)),
             }
         }
         self.stats.frames_written += conn.frames_written - before;
@@ -333,8 +336,10 @@ impl Reactor {
         if self.outbox.borrow().frames.is_empty() {
             return;
         }
-        let frames = std::mem::take(&mut self.outbox.borrow_mut().frames);
-        for (id, buf) in frames {
+        // Swap with a kept vector, so neither allocates again.
+        let mut frames = std::mem::take(&mut self.outbox_scratch);
+        std::mem::swap(&mut frames, &mut self.outbox.borrow_mut().frames);
+        for (id, buf) in frames.drain(..) {
             let Some(link) = self.links.get_mut(id.key as usize) else { continue };
             if link.id != id {
                 continue;
@@ -344,6 +349,7 @@ impl Reactor {
             self.stats.acks_sent += 1;
             self.after_push(id.key as usize);
         }
+        self.outbox_scratch = frames;
     }
 
     // ----- worker side ----------------------------------------------------

@@ -1,11 +1,13 @@
 //! Reading frames, dispatching them to handlers, settling acks, firing timers.
 
 use super::*;
+use crate::timer::after;
 
 impl Reactor {
     /// Reads and dispatches frames from one link, within the fairness budget.
     pub(super) fn read_link(&mut self, key: usize) {
         let mut budget = self.config.frames_per_poll.max(1);
+        let mut dispatched = false;
         loop {
             if self.panic.is_some() {
                 self.backlog.push(key);
@@ -23,6 +25,7 @@ impl Reactor {
                 match decoder.next_frame() {
                     Ok(Some(frame)) => {
                         budget -= 1;
+                        dispatched = true;
                         self.stats.frames_read += 1;
                         if let Err(e) = self.dispatch(key, id, frame) {
                             failure = Some(e);
@@ -50,6 +53,14 @@ impl Reactor {
                 self.backlog.push(key);
                 return;
             }
+            if dispatched {
+                // Send the replies to this batch before the next read (usually
+                // EAGAIN): the peer is waiting for them.
+                self.drain_outbox();
+                self.flush_dirty();
+                dispatched = false;
+            }
+            let Some(conn) = self.links.get_mut(key).and_then(|l| l.conn.as_mut()) else { return };
             let bytes_before = conn.bytes_read;
             let r = conn.read();
             self.stats.bytes_read += conn.bytes_read - bytes_before;
@@ -264,7 +275,8 @@ impl Reactor {
                     let (link_id, seq, qseq) = (p.link, p.seq, p.qseq);
                     if let Some(link) = self.links.get_mut(link_id.key as usize).filter(|l| l.id == link_id) {
                         link.pending.remove(&seq);
-                        // Expiry is final: a message still queued is never sent.
+                        // Expiry is final: a message still queued is never sent (unless its
+                        // fd already left with an earlier write: the peer pairs fds by order).
                         if let Some(conn) = link.conn.as_mut() {
                             conn.cancel(qseq);
                         }
@@ -290,7 +302,7 @@ impl Reactor {
                 Timer::Reap(id) => {
                     if self.links.get(id.key as usize).is_some_and(|l| l.id == id) && !self.check_exit(id.key as usize)
                     {
-                        self.timers.insert(Instant::now() + REAP_INTERVAL, Timer::Reap(id));
+                        self.timers.insert(after(REAP_INTERVAL), Timer::Reap(id));
                     }
                 }
                 Timer::WriteRetry(id) => {

@@ -1,6 +1,7 @@
 //! When a channel or a process goes: hang-ups, protocol errors, exits.
 
 use super::*;
+use crate::timer::after;
 
 impl Reactor {
     // ----- failures -------------------------------------------------------
@@ -42,7 +43,7 @@ impl Reactor {
                 let _ = self.poll.registry().deregister(&mut conn.stream);
             }
             if link.hangup_timer.is_none() {
-                link.hangup_timer = Some(self.timers.insert(Instant::now() + grace, Timer::Hangup(link.id)));
+                link.hangup_timer = Some(self.timers.insert(after(grace), Timer::Hangup(link.id)));
             }
             return;
         }

@@ -1,6 +1,7 @@
 //! Flushing, the master's view of its workers, exits, shutdown and drop.
 
 use super::*;
+use crate::timer::after;
 
 impl Reactor {
     // ----- lifecycle ------------------------------------------------------
@@ -15,7 +16,7 @@ impl Reactor {
         if self.role == Role::Worker {
             self.ensure_hello();
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = after(timeout);
         loop {
             self.drain_outbox();
             for key in 0..self.links.capacity() {
@@ -107,7 +108,7 @@ impl Reactor {
         self.push_control(key, Kind::Exit, "", &());
         let link = &mut self.links[key];
         if link.kill_timer.is_none() {
-            link.kill_timer = Some(self.timers.insert(Instant::now() + grace, Timer::Kill(worker)));
+            link.kill_timer = Some(self.timers.insert(after(grace), Timer::Kill(worker)));
         }
         Ok(())
     }
@@ -124,7 +125,7 @@ impl Reactor {
         for id in self.workers() {
             self.request_exit(id, grace)?;
         }
-        let deadline = Instant::now() + grace + Duration::from_secs(2);
+        let deadline = after(grace.saturating_add(Duration::from_secs(2)));
         while !self.links.is_empty() && Instant::now() < deadline {
             self.poll(Some(Duration::from_millis(20)))?;
         }
@@ -164,7 +165,7 @@ impl Drop for Reactor {
         for (_, link) in self.links.iter_mut() {
             link.conn = None;
         }
-        let deadline = Instant::now() + self.config.hangup_grace;
+        let deadline = after(self.config.hangup_grace);
         loop {
             let running = self
                 .links

@@ -23,8 +23,8 @@ use crate::codec::{self, fail, Envelope, Frame, Kind, PROTOCOL_VERSION};
 use crate::conn::{Conn, Flushed, Read};
 use crate::error::{AckError, Error, ProtocolError, SendError};
 use crate::handlers::{check_command, check_namespace, Handlers, Incoming, Lookup, DEFAULT_NAMESPACE};
-use crate::timer::{TimerKey, Wheel};
-use crate::{sys, Config, Message, Ns, Peer, Stats, WorkerId};
+use crate::timer::{after, TimerKey, Wheel};
+use crate::{Config, Message, Ns, Peer, Stats, WorkerId};
 
 mod api;
 mod dispatch;
@@ -188,6 +188,7 @@ pub struct Reactor {
     fired: Vec<Timer>,
     pub(crate) config: Config,
     outbox: Rc<RefCell<Outbox>>,
+    outbox_scratch: Vec<(WorkerId, Vec<u8>)>,
     worker_hook: Option<WorkerHook>,
     unhandled_hook: Option<UnhandledHook>,
     stats: Stats,
@@ -220,6 +221,7 @@ impl Reactor {
             fired: Vec::new(),
             config,
             outbox: Rc::new(RefCell::new(outbox)),
+            outbox_scratch: Vec::new(),
             worker_hook: None,
             unhandled_hook: None,
             stats: Stats::default(),
@@ -244,7 +246,11 @@ impl Reactor {
     pub(crate) fn add_link(&mut self, mut link: Link) -> Result<usize, Error> {
         let key = self.links.vacant_key();
         if let Some(conn) = link.conn.as_mut() {
-            self.poll.registry().register(&mut conn.stream, Self::socket_token(key), Interest::READABLE)?;
+            let token = Self::socket_token(key);
+            if let Err(e) = self.poll.registry().register(&mut conn.stream, token, Interest::READABLE) {
+                reap_now(&mut link);
+                return Err(e.into());
+            }
         }
         if let Some(pidfd) = &link.pidfd {
             let raw = pidfd.as_raw_fd();
@@ -253,10 +259,11 @@ impl Reactor {
                 if let Some(conn) = link.conn.as_mut() {
                     let _ = self.poll.registry().deregister(&mut conn.stream);
                 }
+                reap_now(&mut link);
                 return Err(e.into());
             }
         } else if link.child.is_some() {
-            self.timers.insert(Instant::now() + REAP_INTERVAL, Timer::Reap(link.id));
+            self.timers.insert(after(REAP_INTERVAL), Timer::Reap(link.id));
         }
         let k = self.links.insert(link);
         debug_assert_eq!(k, key);
@@ -338,7 +345,7 @@ impl Reactor {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut wait = self.wait_time(deadline);
         if let (Some(window), true) = (self.config.busy_poll, wait != Some(Duration::ZERO)) {
-            let spin_until = Instant::now() + window;
+            let spin_until = after(window);
             loop {
                 self.poll_io(Some(Duration::ZERO))?;
                 if !self.events.is_empty() || Instant::now() >= spin_until {
@@ -419,6 +426,14 @@ impl AsRawFd for Reactor {
 
 impl AsFd for Reactor {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        sys::borrow_raw(self.poll.as_raw_fd())
+        self.poll.registry().as_fd()
+    }
+}
+
+/// Kills and reaps a child whose link could not be set up: no orphan, no zombie.
+fn reap_now(link: &mut Link) {
+    if let Some(mut child) = link.child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
