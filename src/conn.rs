@@ -47,8 +47,12 @@ pub(crate) enum Flushed {
 /// What one read brought.
 #[derive(Debug)]
 pub(crate) enum Read {
-    /// Bytes (and maybe fds) were added to the decoder.
-    Data,
+    /// Bytes (and maybe fds) were added to the decoder. `drained`: the read
+    /// filled less than its buffer and brought no fd, so the socket was empty.
+    Data {
+        /// The receive queue was empty after this read.
+        drained: bool,
+    },
     /// Nothing to read now.
     WouldBlock,
     /// The peer closed its end.
@@ -282,8 +286,10 @@ impl Conn {
         let sock = self.stream.as_raw_fd();
         loop {
             let buf = self.decoder.read_buf();
+            let offered = buf.len();
             match sys::recv_with_fds(sock, buf, &mut self.fd_scratch) {
                 Ok(r) => {
+                    let drained = r.bytes < offered && self.fd_scratch.is_empty();
                     let mut lost = r.truncated;
                     for fd in self.fd_scratch.drain(..) {
                         if self.decoder.push_fd(fd).is_err() {
@@ -298,7 +304,7 @@ impl Conn {
                     }
                     self.decoder.filled(r.bytes);
                     self.bytes_read += r.bytes as u64;
-                    return Ok(Read::Data);
+                    return Ok(Read::Data { drained });
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Read::WouldBlock),

@@ -473,9 +473,12 @@ fn a_batch_coalesces_sends_into_few_writes() {
         r.send_to(w, "num", &i, None).send().unwrap();
     }
     r.flush(SECS).unwrap();
-    let mid = r.stats();
     // Outside a batch each send is written at once (until the socket pushes back).
-    assert!(mid.write_calls - before.write_calls > 200, "{} calls", mid.write_calls - before.write_calls);
+    let calls = r.stats().write_calls - before.write_calls;
+    assert!(calls > 200, "{calls} calls");
+    // Let the worker empty the socket, so the batch below cannot meet a full one.
+    assert_eq!(r.request::<Vec<u64>, _>(w, "report", &(), SECS).unwrap().len(), 1000);
+    let mid = r.stats();
     r.batch(|r| {
         for i in 1000..2000u64 {
             r.send_to(w, "num", &i, None).send().unwrap();

@@ -5,9 +5,16 @@ use crate::timer::after;
 
 impl Reactor {
     /// Reads and dispatches frames from one link, within the fairness budget.
-    pub(super) fn read_link(&mut self, key: usize) {
+    ///
+    /// With `stop_when_drained`, a read that fills less than its buffer and
+    /// brings no fd ends the loop: on a Unix stream socket (no SO_PASSCRED)
+    /// such a short read means the receive queue was empty, and any later data
+    /// raises a new epoll edge, so the usual extra `recvmsg` (EAGAIN) would be
+    /// wasted. A read that brought fds may have stopped early, so it reads on.
+    pub(super) fn read_link(&mut self, key: usize, stop_when_drained: bool) {
         let mut budget = self.config.frames_per_poll.max(1);
         let mut dispatched = false;
+        let mut stop_after_dispatch = false;
         loop {
             if self.panic.is_some() {
                 self.backlog.push(key);
@@ -60,12 +67,20 @@ impl Reactor {
                 self.flush_dirty();
                 dispatched = false;
             }
+            if stop_after_dispatch {
+                return;
+            }
             let Some(conn) = self.links.get_mut(key).and_then(|l| l.conn.as_mut()) else { return };
             let bytes_before = conn.bytes_read;
             let r = conn.read();
             self.stats.bytes_read += conn.bytes_read - bytes_before;
             match r {
-                Ok(Read::Data) => continue,
+                Ok(Read::Data { drained }) => {
+                    if drained && stop_when_drained {
+                        stop_after_dispatch = true;
+                    }
+                    continue;
+                }
                 Ok(Read::WouldBlock) => return,
                 Ok(Read::Eof) => {
                     let mid = conn.decoder.is_mid_frame();

@@ -196,7 +196,8 @@ pub struct Reactor {
     backlog: Vec<usize>,
     dirty: Vec<usize>,
     broken: Vec<(WorkerId, io::Error)>,
-    ready_events: Vec<(usize, bool, bool)>,
+    /// (token, readable, writable, read side closed or in error) of the last poll.
+    ready_events: Vec<(usize, bool, bool, bool)>,
     panic: Option<Box<dyn Any + Send>>,
     // Worker side.
     pub(crate) my_id: Option<WorkerId>,
@@ -364,13 +365,14 @@ impl Reactor {
         }
         self.ready_events.clear();
         for ev in self.events.iter() {
-            let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+            let closed = ev.is_read_closed() || ev.is_error();
+            let readable = ev.is_readable() || closed;
             let writable = ev.is_writable() || ev.is_write_closed();
-            self.ready_events.push((ev.token().0, readable, writable));
+            self.ready_events.push((ev.token().0, readable, writable, closed));
         }
         let backlog = std::mem::take(&mut self.backlog);
         let events = std::mem::take(&mut self.ready_events);
-        for &(token, readable, writable) in &events {
+        for &(token, readable, writable, closed) in &events {
             let key = token >> 1;
             if token & 1 == 1 {
                 self.check_exit(key);
@@ -383,13 +385,14 @@ impl Reactor {
                 self.flush_link(key);
             }
             if readable {
-                self.read_link(key);
+                // After a hang-up, read on to the end of the stream.
+                self.read_link(key, !closed);
             }
         }
         self.ready_events = events;
         for key in backlog {
             if !self.backlog.contains(&key) {
-                self.read_link(key);
+                self.read_link(key, false);
             }
         }
         self.fire_timers();
