@@ -2,7 +2,6 @@
 
 use std::cell::RefCell;
 use std::fmt;
-use std::marker::PhantomData;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::time::Duration;
@@ -14,36 +13,16 @@ use crate::codec::{self, fail, Envelope, Kind};
 use crate::error::{AckError, Error, SendError};
 use crate::{Reactor, WorkerId};
 
-/// A reply as received: CBOR bytes, decoded on demand.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Reply(pub(crate) Vec<u8>);
+/// An ack's outcome as it arrives: the reply's CBOR bytes, still in the
+/// receive buffer, or the failure. Completions decode straight from it.
+pub(crate) type Outcome<'a> = Result<&'a [u8], AckError>;
 
-impl Reply {
-    /// Decodes the reply into any `Deserialize` type.
-    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, Error> {
-        codec::decode_cbor(&self.0[..]).map_err(Error::Decode)
-    }
+pub(crate) fn decode_outcome<R: DeserializeOwned>(o: Outcome<'_>) -> Result<R, AckError> {
+    o.and_then(|bytes| codec::decode_cbor(bytes).map_err(AckError::BadReply))
 }
 
-impl fmt::Debug for Reply {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Reply({} bytes)", self.0.len())
-    }
-}
-
-pub(crate) type Outcome = Result<Reply, AckError>;
-
-pub(crate) fn decode_outcome<R: DeserializeOwned>(o: Outcome) -> Result<R, AckError> {
-    o.and_then(|r| codec::decode_cbor(&r.0[..]).map_err(AckError::BadReply))
-}
-
-type AckCallback = Box<dyn FnOnce(&mut Reactor, Outcome)>;
-
-/// How the reactor delivers an outcome.
-pub(crate) enum Completion {
-    Callback(AckCallback),
-    Handle(Rc<RefCell<Option<Outcome>>>),
-}
+/// Delivers an ack's outcome, exactly once: a user callback, or a handle's slot.
+pub(crate) type Completion = Box<dyn FnOnce(&mut Reactor, Outcome<'_>)>;
 
 /// The caller's side of an acknowledged message: check it after polling.
 ///
@@ -59,11 +38,18 @@ pub(crate) enum Completion {
 /// ```
 #[must_use = "an ack handle does nothing unless checked"]
 pub struct AckHandle<R> {
-    slot: Rc<RefCell<Option<Outcome>>>,
-    _reply: PhantomData<fn() -> R>,
+    slot: Rc<RefCell<Option<Result<R, AckError>>>>,
 }
 
-impl<R: DeserializeOwned> AckHandle<R> {
+impl<R: DeserializeOwned + 'static> AckHandle<R> {
+    /// A handle and the completion that fills it (decoding the reply as it arrives).
+    fn new() -> (AckHandle<R>, Completion) {
+        let slot = Rc::new(RefCell::new(None));
+        let fill = slot.clone();
+        let done: Completion = Box::new(move |_r, o| *fill.borrow_mut() = Some(decode_outcome(o)));
+        (AckHandle { slot }, done)
+    }
+
     /// Whether the outcome is in.
     pub fn is_done(&self) -> bool {
         self.slot.borrow().is_some()
@@ -71,7 +57,7 @@ impl<R: DeserializeOwned> AckHandle<R> {
 
     /// Takes the outcome if it is in (only once).
     pub fn take(&self) -> Option<Result<R, AckError>> {
-        self.slot.borrow_mut().take().map(decode_outcome)
+        self.slot.borrow_mut().take()
     }
 
     /// Drives `reactor.poll` until the outcome is in. The ack timeout bounds the wait.
@@ -153,30 +139,30 @@ impl<T: Serialize + ?Sized> Outgoing<'_, T> {
         F: FnOnce(&mut Reactor, Result<R, AckError>) + 'static,
     {
         let Outgoing { reactor, target, ns, cmd, payload, fd, options } = self;
-        let done = Completion::Callback(Box::new(move |r, o| f(r, decode_outcome(o))));
+        let done: Completion = Box::new(move |r, o| f(r, decode_outcome(o)));
         reactor.submit(target, ns, cmd, payload, fd, options, Some(done))
     }
 
     /// Sends and returns a handle to check for the outcome later.
-    pub fn handle<R: DeserializeOwned>(self) -> Result<AckHandle<R>, SendError> {
+    pub fn handle<R: DeserializeOwned + 'static>(self) -> Result<AckHandle<R>, SendError> {
         let Outgoing { reactor, target, ns, cmd, payload, fd, options } = self;
-        let slot = Rc::new(RefCell::new(None));
-        reactor.submit(target, ns, cmd, payload, fd, options, Some(Completion::Handle(slot.clone())))?;
-        Ok(AckHandle { slot, _reply: PhantomData })
+        let (handle, done) = AckHandle::new();
+        reactor.submit(target, ns, cmd, payload, fd, options, Some(done))?;
+        Ok(handle)
     }
 
     /// Sends and drives `poll` until the reply or the failure (blocking).
     /// Not allowed inside a handler ([`Error::Reentrant`]).
     /// If the send is refused, the fd (if any) is closed: use `.handle()` or
     /// `.send()` to get it back in [`SendError::fd`].
-    pub fn wait<R: DeserializeOwned>(self) -> Result<R, Error> {
+    pub fn wait<R: DeserializeOwned + 'static>(self) -> Result<R, Error> {
         if self.reactor.in_callback() {
             return Err(Error::Reentrant);
         }
         let Outgoing { reactor, target, ns, cmd, payload, fd, options } = self;
-        let slot = Rc::new(RefCell::new(None));
-        reactor.submit(target, ns, cmd, payload, fd, options, Some(Completion::Handle(slot.clone())))?;
-        AckHandle::<R> { slot, _reply: PhantomData }.wait(reactor)
+        let (handle, done) = AckHandle::<R>::new();
+        reactor.submit(target, ns, cmd, payload, fd, options, Some(done))?;
+        handle.wait(reactor)
     }
 }
 

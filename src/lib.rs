@@ -51,7 +51,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use ack::{AckHandle, Outgoing, Reply, Responder};
+pub use ack::{AckHandle, Outgoing, Responder};
 pub use bytes::Bytes;
 pub use config::{Config, Stats};
 pub use error::{AckError, Error, ProtocolError, SendError};
@@ -169,7 +169,7 @@ impl Ns<'_> {
     }
 
     /// Blocking request to `worker` in this namespace.
-    pub fn request<R: DeserializeOwned, T: Serialize + ?Sized>(
+    pub fn request<R: DeserializeOwned + 'static, T: Serialize + ?Sized>(
         &mut self,
         worker: WorkerId,
         cmd: &str,
@@ -180,7 +180,7 @@ impl Ns<'_> {
     }
 
     /// Blocking request to the master in this namespace.
-    pub fn request_master<R: DeserializeOwned, T: Serialize + ?Sized>(
+    pub fn request_master<R: DeserializeOwned + 'static, T: Serialize + ?Sized>(
         &mut self,
         cmd: &str,
         payload: &T,

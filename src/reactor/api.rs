@@ -130,7 +130,7 @@ impl Reactor {
 
     /// Sends a request to `worker` and polls until its reply (blocking).
     /// Not allowed inside a handler.
-    pub fn request<R: DeserializeOwned, T: Serialize + ?Sized>(
+    pub fn request<R: DeserializeOwned + 'static, T: Serialize + ?Sized>(
         &mut self,
         worker: WorkerId,
         cmd: &str,
@@ -141,7 +141,7 @@ impl Reactor {
     }
 
     /// Sends a request to the master and polls until its reply (blocking).
-    pub fn request_master<R: DeserializeOwned, T: Serialize + ?Sized>(
+    pub fn request_master<R: DeserializeOwned + 'static, T: Serialize + ?Sized>(
         &mut self,
         cmd: &str,
         payload: &T,

@@ -129,7 +129,7 @@ impl Reactor {
                 match link.pending.remove(&frame.seq) {
                     Some(ack) => {
                         let outcome = if frame.kind == Kind::Reply {
-                            Ok(Reply(frame.payload.to_vec()))
+                            Ok(frame.payload)
                         } else {
                             Err(fail_to_error(frame.payload))
                         };
@@ -257,13 +257,11 @@ impl Reactor {
         }
     }
 
-    pub(super) fn settle(&mut self, ack: usize, outcome: Outcome) {
+    pub(super) fn settle(&mut self, ack: usize, outcome: Outcome<'_>) {
         let Some(pending) = self.acks.try_remove(ack) else { return };
         self.timers.cancel(pending.timer);
-        match pending.done {
-            Completion::Callback(cb) => self.guarded(|r| cb(r, outcome)),
-            Completion::Handle(slot) => *slot.borrow_mut() = Some(outcome),
-        }
+        let done = pending.done;
+        self.guarded(|r| done(r, outcome));
     }
 
     pub(super) fn worker_event(&mut self, id: WorkerId, event: WorkerEvent) {

@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use slab::Slab;
 
-use crate::ack::{fail_to_error, Completion, Outbox, Outcome, Outgoing, Reply, Responder, SendOptions, Target};
+use crate::ack::{fail_to_error, Completion, Outbox, Outcome, Outgoing, Responder, SendOptions, Target};
 use crate::codec::{self, fail, Envelope, Frame, Kind, PROTOCOL_VERSION};
 use crate::conn::{Conn, Flushed, Read};
 use crate::error::{AckError, Error, ProtocolError, SendError};
