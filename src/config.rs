@@ -29,6 +29,10 @@ pub struct Config {
     /// After a worker's channel hangs up, how long to wait for its exit status
     /// before reporting a plain disconnection (default 50 ms).
     pub hangup_grace: Duration,
+    /// Find worker exits by checking `waitpid` every 20 ms instead of through
+    /// a pidfd (default off). It is the automatic fallback where
+    /// `pidfd_open` is missing (Linux before 5.3, or blocked by a sandbox).
+    pub exit_polling: bool,
     /// Spin on zero-timeout polls for this long before sleeping (default off).
     /// Cuts wake-up latency at the price of a busy CPU while waiting.
     pub busy_poll: Option<Duration>,
@@ -44,6 +48,7 @@ impl Default for Config {
             max_received_fds: 256,
             frames_per_poll: 1024,
             hangup_grace: Duration::from_millis(50),
+            exit_polling: false,
             busy_poll: None,
         }
     }

@@ -119,7 +119,7 @@ impl Reactor {
         let child = command.spawn()?;
         drop(theirs);
         // Without pidfd_open (Linux < 5.3), exits are found by a periodic check.
-        let pidfd = sys::pidfd_open(child.id()).ok();
+        let pidfd = if self.config.exit_polling { None } else { sys::pidfd_open(child.id()).ok() };
         let stream = UnixStream::from_std(std::os::unix::net::UnixStream::from(ours));
         let mut link = Link::new(id, new_conn(stream, &self.config), false);
         link.child = Some(child);

@@ -492,3 +492,28 @@ fn a_batch_coalesces_sends_into_few_writes() {
     assert_eq!(seen, (0..2000).collect::<Vec<_>>());
     r.shutdown(SECS).unwrap();
 }
+
+#[test]
+fn exits_are_found_without_a_pidfd_too() {
+    let _d = util::deadline(SECS * 3);
+    let mut config = Config::default();
+    config.exit_polling = true;
+    // A hang-up grace far beyond the wait below: only the waitpid checks can find the exit in time.
+    config.hangup_grace = Duration::from_secs(60);
+    let mut r = Reactor::master_with(config).unwrap();
+    let status = Rc::new(RefCell::new(None));
+    let st = status.clone();
+    r.on_worker_event(move |_r, _id, e| {
+        if let WorkerEvent::Exited(s) = e {
+            *st.borrow_mut() = Some(*s)
+        }
+    });
+    let w = spawn_ready(&mut r, "general");
+    let pending = r.send_to(w, "report", &(), None).handle::<Vec<u64>>().unwrap();
+    r.kill(w).unwrap();
+    util::poll_until(&mut r, Duration::from_secs(5), |_| status.borrow().is_some());
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.borrow().unwrap().signal(), Some(libc::SIGKILL));
+    assert!(pending.is_done());
+    assert!(r.workers().is_empty(), "reaped");
+}
