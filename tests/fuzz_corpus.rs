@@ -28,6 +28,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 const TARGETS: [&str; 2] = ["decoder", "receive"];
 
+/// Index of the 1 MiB frame limit in `harness::MAX_FRAMES`.
+const MIB: u8 = 7;
+
 fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
 }
@@ -136,12 +139,12 @@ fn decoder_seeds() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 fn receive_seeds() -> Vec<(&'static str, Vec<u8>)> {
-    const MIB: u8 = 6; // MAX_FRAMES[6] = 1 MiB
     let conv = conversation();
     let with_fd = frame(Kind::Message, FLAG_ACK, 1, 4, "_", "take-fd", &"file");
     let mut fd_then_plain = with_fd.clone();
     fd_then_plain.extend(msg(5, "after", 5));
     let two = [msg(1, "a", 1), msg(2, "b", 2)].concat();
+    let ten: Vec<u8> = (0..10).flat_map(|i| msg(i, "r", 1)).collect(); // 230 bytes
     vec![
         ("whole_conversation", ScriptBuilder::new(MIB, 3).feed(&conv, 255).drain().build()),
         ("bytewise_conversation", ScriptBuilder::new(MIB, 3).feed(&conv, 1).drain().build()),
@@ -169,7 +172,19 @@ fn receive_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ),
         ("garbage", ScriptBuilder::new(MIB, 3).feed(b"\x00\x00\x00\x00garbage", 255).drain().build()),
         // One feed of more than a read chunk (64 KiB) of small frames.
-        ("big_feed", ScriptBuilder::new(MIB, 3).feed_repeat(&msg(1, "r", 1), 255).drain().build()),
+        ("big_feed", ScriptBuilder::new(MIB, 3).feed_repeat(&ten, 255).drain().build()),
+        // More than 1 MiB buffered, then drained: the decoder gives the buffer back.
+        ("big_buffer_drained", {
+            let mut s = ScriptBuilder::new(MIB, 3);
+            for _ in 0..5 {
+                s.feed_repeat(&ten, 255);
+            }
+            s.drain().feed(&two, 255).drain().build()
+        }),
+        // Found by the receive target (minimized): 777 zero bytes fed, then
+        // read_buf with more bytes buffered than the first length announces
+        // made `len - pending` underflow in Decoder::read_buf (fixed in f2cc81c).
+        ("crash_read_buf_underflow", vec![0x9c, 0x9c, 0x01, 0xc2, 0x00, 0xeb]),
         // Two feeds without a drain in between, the first ending past a whole frame.
         (
             "feed_twice_undrained",
@@ -224,6 +239,9 @@ fn inputs(target: &str) -> Vec<PathBuf> {
 #[test]
 fn every_seed_and_corpus_input_passes_the_harness() {
     let _g = serial();
+    harness::receive_one(&ScriptBuilder::new(MIB, 1).push_fd().build()); // makes the template fd
+    let (fds_before, ours) = harness::open_fd_count();
+    assert_eq!(ours, 1, "harness fds open before the replay");
     let mut failures = Vec::new();
     for target in TARGETS {
         let files = inputs(target);
@@ -242,6 +260,7 @@ fn every_seed_and_corpus_input_passes_the_harness() {
         }
     }
     assert!(failures.is_empty(), "{} input(s) failed:\n{}", failures.len(), failures.join("\n"));
+    assert_eq!(harness::open_fd_count(), (fds_before, 1), "fds leaked over the replay");
 }
 
 // ----- the harness's oracles can fail -----------------------------------------
@@ -282,7 +301,9 @@ fn seeds_reach_the_outcomes_they_are_named_for() {
     let r = run("clear_mid_frame");
     assert_eq!((r.frames, r.error), (2, None));
     let r = run("big_feed");
-    assert_eq!((r.frames, r.error), (64 * 255 + 1, None));
+    assert_eq!((r.frames, r.error), (10 * (4 * 255 + 1), None));
+    let r = run("big_buffer_drained");
+    assert_eq!((r.frames, r.error), (5 * 10 * (4 * 255 + 1) + 2, None));
     let r = run("feed_twice_undrained");
     assert_eq!((r.frames, r.error), (2, None));
 }
