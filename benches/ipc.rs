@@ -5,6 +5,7 @@
 //! cargo bench --bench ipc -- --placement split   # master on CPU 0, worker on CPU 1 (default)
 //! cargo bench --bench ipc -- --placement same    # both on CPU 0
 //! cargo bench --bench ipc -- --busy-poll         # busy-polling RTT: clusterphone-busy vs raw-busy
+//! cargo bench --bench ipc -- --lean              # Config::writable_wakeups off on both sides
 //! cargo bench --bench ipc -- --quick             # ~10x smaller counts (CI smoke, well under 30 s)
 //! ```
 //!
@@ -144,6 +145,14 @@ const ROLE_VAR: &str = "CP_BENCH_ROLE";
 const CPU_VAR: &str = "CP_BENCH_CPU";
 const BUSY_VAR: &str = "CP_BENCH_BUSY";
 const WATCHDOG_VAR: &str = "CP_BENCH_WATCHDOG";
+const LEAN_VAR: &str = "CP_BENCH_LEAN";
+
+/// `--lean`: both reactors run with `Config::writable_wakeups = false`.
+static LEAN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn lean() -> bool {
+    LEAN.load(std::sync::atomic::Ordering::Relaxed)
+}
 /// `n` of the raw frame that ends a one-way or fd run ("tell me your count").
 const SENTINEL: u64 = u64::MAX;
 const BIG: usize = 64 * 1024;
@@ -204,6 +213,7 @@ enum Impl {
 impl Impl {
     fn name(self) -> &'static str {
         match self {
+            Impl::Cp if lean() => "clusterphone-lean",
             Impl::Cp => "clusterphone",
             Impl::RawBlocking => "raw-blocking",
             Impl::RawMio => "raw-mio",
@@ -664,6 +674,7 @@ fn worker_main() -> Result<(), Error> {
     if std::env::var(BUSY_VAR).is_ok_and(|v| v == "1") {
         config.busy_poll = Some(BUSY_WINDOW);
     }
+    config.writable_wakeups = !std::env::var(LEAN_VAR).is_ok_and(|v| v == "1");
     let mut r = Reactor::attach_with(config)?;
 
     let count = Rc::new(Cell::new(0u64));
@@ -805,6 +816,7 @@ impl Opts {
                     }
                 },
                 "--busy-poll" => o.busy = true,
+                "--lean" => LEAN.store(true, std::sync::atomic::Ordering::Relaxed),
                 "--quick" => o.quick = true,
                 "--only" => o.only = value(&mut args).map(list),
                 "--impl" => o.impls = value(&mut args).map(list),
@@ -953,6 +965,7 @@ fn worker_command(opts: &Opts, busy: bool) -> Res<Command> {
         .env(CPU_VAR, opts.placement.worker_cpu().to_string())
         .env(BUSY_VAR, if busy { "1" } else { "0" })
         .env(WATCHDOG_VAR, opts.watchdog.to_string())
+        .env(LEAN_VAR, if lean() { "1" } else { "0" })
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     Ok(cmd)
@@ -1491,6 +1504,7 @@ fn master_main() -> Res<()> {
     if opts.busy {
         config.busy_poll = Some(BUSY_WINDOW);
     }
+    config.writable_wakeups = !lean();
     let mut r = Reactor::master_with(config)?;
     let busy = opts.busy;
     let w = r.spawn(worker_command(&opts, busy)?)?;

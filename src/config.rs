@@ -33,6 +33,13 @@ pub struct Config {
     /// a pidfd (default off). It is the automatic fallback where
     /// `pidfd_open` is missing (Linux before 5.3, or blocked by a sandbox).
     pub exit_polling: bool,
+    /// Keep each socket registered for writable edges even when nothing waits
+    /// to be written (default on). Then every time the peer drains our
+    /// socket, `poll` wakes once for nothing. On a virtual machine that wake
+    /// keeps an idle vCPU warm, and cross-CPU round trips get much faster (64 KiB
+    /// echo 2x here); on bare metal, or with both processes on one CPU, it is
+    /// a wasted wake-up per message (same-CPU round trips 25% faster without).
+    pub writable_wakeups: bool,
     /// Spin on zero-timeout polls for this long before sleeping (default off).
     /// Cuts wake-up latency at the price of a busy CPU while waiting.
     pub busy_poll: Option<Duration>,
@@ -49,6 +56,7 @@ impl Default for Config {
             frames_per_poll: 1024,
             hangup_grace: Duration::from_millis(50),
             exit_polling: false,
+            writable_wakeups: true,
             busy_poll: None,
         }
     }

@@ -106,6 +106,15 @@ fn general_worker() {
     })
     .unwrap();
     r.on("channel-fd", |_r, msg: Message<()>| msg.reply.ok(&channel_fd()).unwrap()).unwrap();
+    let sunk = Rc::new(RefCell::new((0u64, 0u64)));
+    let s = sunk.clone();
+    r.on("sink", move |_r, msg: Message<clusterphone::Bytes>| {
+        let mut s = s.borrow_mut();
+        s.0 += 1;
+        s.1 += msg.payload.len() as u64;
+    })
+    .unwrap();
+    r.on("sunk", move |_r, msg: Message<()>| msg.reply.ok(&*sunk.borrow()).unwrap()).unwrap();
     util::serve(&mut r);
 }
 
@@ -516,4 +525,26 @@ fn exits_are_found_without_a_pidfd_too() {
     assert_eq!(status.borrow().unwrap().signal(), Some(libc::SIGKILL));
     assert!(pending.is_done());
     assert!(r.workers().is_empty(), "reaped");
+}
+
+#[test]
+fn without_writable_wakeups_a_full_socket_still_drains() {
+    let _d = util::deadline(SECS * 3);
+    let mut config = Config::default();
+    config.writable_wakeups = false; // writable interest only while blocked
+    let mut r = Reactor::master_with(config).unwrap();
+    let w = spawn_ready(&mut r, "general");
+    let chunk = clusterphone::Bytes(vec![5u8; 64 * 1024]);
+    let mut blocked = 0;
+    for _ in 0..200 {
+        r.send_to(w, "sink", &chunk, None).send().unwrap();
+        if r.queue_depth(w).unwrap().0 > 1 {
+            blocked += 1;
+        }
+    }
+    assert!(blocked > 0, "the socket never filled up");
+    // Only writable edges, registered when the socket filled, can drain this queue.
+    let (count, bytes): (u64, u64) = r.request(w, "sunk", &(), SECS).unwrap();
+    assert_eq!((count, bytes), (200, 200 * 64 * 1024));
+    r.shutdown(SECS).unwrap();
 }

@@ -300,9 +300,9 @@ impl Reactor {
         let (before, calls_before) = (conn.frames_written, conn.write_calls);
         let bytes_before = conn.bytes_written;
         let r = conn.flush();
-        // Ask for writable edges only while the socket is full: a permanent
-        // WRITABLE interest wakes us each time the peer consumes our data.
-        let want = matches!(r, Ok(Flushed::Blocked));
+        // Writable edges are needed while the socket is full; otherwise only
+        // if the user wants the wake-ups (see Config::writable_wakeups).
+        let want = self.config.writable_wakeups || matches!(r, Ok(Flushed::Blocked));
         if want != conn.write_interest {
             let interest = if want { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
             match self.poll.registry().reregister(&mut conn.stream, Self::socket_token(key), interest) {

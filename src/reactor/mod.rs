@@ -248,7 +248,10 @@ impl Reactor {
         let key = self.links.vacant_key();
         if let Some(conn) = link.conn.as_mut() {
             let token = Self::socket_token(key);
-            if let Err(e) = self.poll.registry().register(&mut conn.stream, token, Interest::READABLE) {
+            let interest =
+                if self.config.writable_wakeups { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            conn.write_interest = self.config.writable_wakeups;
+            if let Err(e) = self.poll.registry().register(&mut conn.stream, token, interest) {
                 reap_now(&mut link);
                 return Err(e.into());
             }
