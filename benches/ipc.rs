@@ -1056,14 +1056,28 @@ impl Bench {
             None => {
                 let t = Instant::now();
                 let cap = Cap::new(cap);
+                let w = self.w;
                 while sent < count {
-                    p.n = sent;
-                    match self.r.send_to(self.w, "oneway", &p, None).send() {
-                        Ok(()) => sent += 1,
-                        Err(e) if matches!(e.error, Error::QueueFull) => self.r.poll(Some(Duration::from_millis(1)))?,
-                        Err(e) => return Err(e.into()),
+                    // Bursts of 64 sends in a batch: one sendmsg each (Reactor::batch).
+                    let end = (sent + 64).min(count);
+                    let (n, full) = self.r.batch(|r| {
+                        let mut n = sent;
+                        while n < end {
+                            p.n = n;
+                            match r.send_to(w, "oneway", &p, None).send() {
+                                Ok(()) => n += 1,
+                                Err(e) if matches!(e.error, Error::QueueFull) => return Ok((n, true)),
+                                Err(e) => return Err(e),
+                            }
+                        }
+                        Ok((n, false))
+                    })?;
+                    if full {
+                        self.r.poll(Some(Duration::from_millis(1)))?;
                     }
-                    if sent % 1024 == 0 && cap.over() {
+                    let before = sent;
+                    sent = n;
+                    if sent / 1024 != before / 1024 && cap.over() {
                         break;
                     }
                 }

@@ -49,7 +49,7 @@ pub const FLAG_ACK: u8 = 1;
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Bytes read from the socket at a time when no larger frame is pending: a
 /// quiet connection starts small and the chunk doubles while reads fill it.
-const READ_CHUNK: usize = 64 * 1024;
+const READ_CHUNK: usize = 256 * 1024;
 const FIRST_READ_CHUNK: usize = 4 * 1024;
 /// An idle receive buffer larger than this is given back to the allocator.
 const SHRINK_ABOVE: usize = 1024 * 1024;
