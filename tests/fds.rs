@@ -57,9 +57,43 @@ fn worker_entry() {
     match role.as_str() {
         "fdworker" => fd_worker(&mut r),
         "slow-labels" => slow_label_worker(&mut r),
+        "emfile" => emfile_worker(r),
         other => panic!("unknown role {other}"),
     }
     util::serve(&mut r);
+}
+
+/// Lowers its own fd limit just above what it uses, then receives a burst of
+/// fds: the kernel drops those it cannot install (MSG_CTRUNC, how EMFILE shows
+/// on receive). Exits 0 if that was a protocol error for the connection and
+/// every fd that did arrive was closed.
+fn emfile_worker(mut r: Reactor) -> ! {
+    r.on("fd", |_r, _m: Message<()>| {}).unwrap();
+    r.flush(REQ).unwrap();
+    let base = util::open_fds();
+    let limit = libc::rlimit { rlim_cur: base as libc::rlim_t + 4, rlim_max: libc::RLIM_INFINITY };
+    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write the rlimit structs we pass.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut old);
+        let limit = libc::rlimit { rlim_max: old.rlim_max, ..limit };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    r.send_to_master("limited", &(), None).send().unwrap();
+    let end = loop {
+        match r.poll(Some(Duration::from_millis(100))) {
+            Ok(()) => continue,
+            Err(e) => break e,
+        }
+    };
+    // SAFETY: as above.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &old) };
+    let after = util::open_fds();
+    let ok = matches!(end, Error::Protocol(clusterphone::ProtocolError::MissingFds)) && after < base;
+    if !ok {
+        eprintln!("emfile worker: ended with {end:?}, fds {base} -> {after}");
+    }
+    std::process::exit(if ok { 0 } else { 1 });
 }
 
 /// Reports each `label` message's payload with the text read from its fd,
@@ -312,4 +346,31 @@ fn a_message_cancelled_after_its_fd_left_never_shifts_fds_onto_later_messages() 
         assert_eq!(payload, label, "message {payload:?} carried the fd of {label:?}");
     }
     r.shutdown(REQ).unwrap();
+}
+
+#[test]
+fn fds_dropped_at_the_receivers_fd_limit_are_a_protocol_error_without_leaks() {
+    let _d = util::deadline(Duration::from_secs(30));
+    let mut r = Reactor::master().unwrap();
+    let limited = Rc::new(RefCell::new(false));
+    let l = limited.clone();
+    r.on("limited", move |_r, _m: Message<()>| *l.borrow_mut() = true).unwrap();
+    let exit = Rc::new(RefCell::new(None));
+    let ex = exit.clone();
+    r.on_worker_event(move |_r, _id, e| {
+        if let clusterphone::WorkerEvent::Exited(s) = e {
+            *ex.borrow_mut() = Some(s.code());
+        }
+    });
+    let w = ready_worker_with(&mut r, "emfile");
+    util::poll_until(&mut r, REQ, |_| *limited.borrow());
+    // 32 fds in one coalesced sendmsg: far more than the worker may open.
+    r.batch(|r| {
+        for _ in 0..32 {
+            let (a, _b) = UnixStream::pair().unwrap();
+            r.send_to(w, "fd", &(), Some(OwnedFd::from(a))).send().unwrap();
+        }
+    });
+    util::poll_until(&mut r, REQ, |r| r.workers().is_empty());
+    assert_eq!(*exit.borrow(), Some(Some(0)), "the worker saw no protocol error, or leaked fds");
 }
