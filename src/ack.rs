@@ -180,6 +180,22 @@ pub(crate) struct Outbox {
 ///
 /// Replies are queued and written by the reactor after the running handler
 /// returns, or at the next `poll` when answered from elsewhere.
+///
+/// ```no_run
+/// # use std::{cell::RefCell, rc::Rc};
+/// # use clusterphone::{Message, Responder};
+/// # let mut reactor = clusterphone::Reactor::master()?;
+/// // Answer later: keep the responder, reply from another callback.
+/// let waiting: Rc<RefCell<Vec<Responder>>> = Rc::default();
+/// let w = waiting.clone();
+/// reactor.on("job", move |_r, msg: Message<String>| w.borrow_mut().push(msg.reply))?;
+/// reactor.on("done", move |_r, _msg: Message<()>| {
+///     for responder in waiting.borrow_mut().drain(..) {
+///         let _ = responder.ok(&"finished");
+///     }
+/// })?;
+/// # Ok::<(), clusterphone::Error>(())
+/// ```
 pub struct Responder {
     inner: Option<ResponderInner>,
 }

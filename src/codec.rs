@@ -191,6 +191,19 @@ impl Frame<'_> {
 ///
 /// It never allocates beyond one frame of the configured maximum plus one
 /// read chunk, whatever the peer announces.
+///
+/// ```
+/// use clusterphone::codec::{encode, Decoder, Envelope, Kind};
+/// let mut wire = Vec::new();
+/// let env = Envelope { kind: Kind::Message, flags: 0, nfds: 0, seq: 1, ns: "_", cmd: "ping" };
+/// encode(&mut wire, env, &42u32).unwrap();
+/// let mut decoder = Decoder::new(1 << 20, 16);
+/// for byte in &wire {
+///     decoder.feed(std::slice::from_ref(byte)); // any chunking decodes the same
+/// }
+/// let frame = decoder.next_frame().unwrap().unwrap();
+/// assert_eq!((frame.cmd, frame.seq), ("ping", 1));
+/// ```
 #[derive(Debug)]
 pub struct Decoder {
     buf: Vec<u8>,

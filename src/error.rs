@@ -121,6 +121,23 @@ impl From<AckError> for Error {
 
 /// A send refused at the call. Nothing was queued; the fd, if any, is handed
 /// back so the caller's descriptor is not lost.
+///
+/// ```no_run
+/// # use std::os::fd::OwnedFd;
+/// # use clusterphone::Error;
+/// # let mut reactor = clusterphone::Reactor::master()?;
+/// # let worker: clusterphone::WorkerId = todo!();
+/// # let fd: OwnedFd = todo!();
+/// match reactor.send_to(worker, "conn", &(), Some(fd)).send() {
+///     Ok(()) => {}
+///     Err(refused) if matches!(refused.error, Error::NotReady(_)) => {
+///         // Not ready yet: keep the fd, try again after WorkerEvent::Ready.
+///         let _fd = refused.into_fd();
+///     }
+///     Err(refused) => return Err(refused.into()),
+/// }
+/// # Ok::<(), clusterphone::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct SendError {
     /// Why the send was refused.
@@ -160,6 +177,20 @@ impl From<SendError> for Error {
 
 /// How an acknowledged message can end, other than with a reply.
 /// Every message that asked for an ack gets exactly one outcome.
+///
+/// ```no_run
+/// # use clusterphone::{AckError, Error};
+/// # use std::time::Duration;
+/// # let mut reactor = clusterphone::Reactor::master()?;
+/// # let worker: clusterphone::WorkerId = todo!();
+/// match reactor.request::<String, _>(worker, "hello", &(), Duration::from_secs(1)) {
+///     Ok(reply) => println!("{reply}"),
+///     Err(Error::Ack(AckError::Timeout)) => println!("too slow"),
+///     Err(Error::Ack(AckError::Exited(status))) => println!("died: {status}"),
+///     Err(e) => println!("{e}"),
+/// }
+/// # Ok::<(), clusterphone::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AckError {

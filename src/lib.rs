@@ -103,6 +103,20 @@ pub enum Peer {
 }
 
 /// A message as a handler receives it.
+///
+/// ```no_run
+/// # use std::io::Write;
+/// # use clusterphone::Message;
+/// let mut reactor = clusterphone::Reactor::attach()?;
+/// reactor.on("conn", |_r, msg: Message<()>| {
+///     if let Some(fd) = msg.fd {
+///         let mut stream = std::net::TcpStream::from(fd);
+///         let _ = stream.write_all(b"hello from a worker\n");
+///     }
+///     let _ = msg.reply.ok(&());
+/// })?;
+/// # Ok::<(), clusterphone::Error>(())
+/// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct Message<T> {
@@ -117,6 +131,16 @@ pub struct Message<T> {
 }
 
 /// The reactor's API inside one namespace, from [`Reactor::ns`].
+///
+/// ```no_run
+/// # use clusterphone::Message;
+/// # let mut reactor = clusterphone::Reactor::master()?;
+/// # let worker: clusterphone::WorkerId = todo!();
+/// let mut metrics = reactor.ns("metrics")?;
+/// metrics.on("report", |_r, msg: Message<u64>| println!("{}", msg.payload))?;
+/// metrics.send_to(worker, "reset", &(), None).send()?;
+/// # Ok::<(), clusterphone::Error>(())
+/// ```
 pub struct Ns<'r> {
     reactor: &'r mut Reactor,
     name: String,

@@ -43,6 +43,15 @@ impl Reactor {
     }
 
     /// A reactor for the master role.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// let mut config = clusterphone::Config::default();
+    /// config.ack_timeout = Duration::from_secs(2);
+    /// config.max_queue_bytes = 8 << 20;
+    /// let reactor = clusterphone::Reactor::master_with(config)?;
+    /// # Ok::<(), clusterphone::Error>(())
+    /// ```
     pub fn master_with(config: Config) -> Result<Reactor, Error> {
         Reactor::new(Role::Master, config)
     }

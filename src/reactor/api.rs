@@ -78,12 +78,33 @@ impl Reactor {
     }
 
     /// Called for every worker event (ready, disconnected, exited), on the master.
+    ///
+    /// ```no_run
+    /// # use clusterphone::WorkerEvent;
+    /// # let mut reactor = clusterphone::Reactor::master()?;
+    /// reactor.on_worker_event(|reactor, id, event| match event {
+    ///     WorkerEvent::Ready => println!("{id} is up"),
+    ///     WorkerEvent::Disconnected(why) => println!("{id} hung up: {why:?}"),
+    ///     WorkerEvent::Exited(status) => {
+    ///         println!("{id} exited: {status}; starting another");
+    ///         let _ = reactor.spawn(std::process::Command::new("my-worker-binary"));
+    ///     }
+    ///     _ => {}
+    /// });
+    /// # Ok::<(), clusterphone::Error>(())
+    /// ```
     pub fn on_worker_event(&mut self, hook: impl FnMut(&mut Reactor, WorkerId, &WorkerEvent) + 'static) {
         self.worker_hook = Some(Box::new(hook));
     }
 
     /// Called for every message that no handler took (and that asked for no
     /// ack, or whose sender was told why).
+    ///
+    /// ```no_run
+    /// # let mut reactor = clusterphone::Reactor::master()?;
+    /// reactor.on_unhandled(|_reactor, u| eprintln!("nobody handled {}/{} from {:?}: {}", u.namespace, u.command, u.from, u.reason));
+    /// # Ok::<(), clusterphone::Error>(())
+    /// ```
     pub fn on_unhandled(&mut self, hook: impl FnMut(&mut Reactor, &Unhandled) + 'static) {
         self.unhandled_hook = Some(Box::new(hook));
     }
@@ -96,6 +117,19 @@ impl Reactor {
     /// `fd` travels with the message; the reactor owns it from now on and
     /// closes its copy once sent, or hands it back in the error if the send
     /// is refused.
+    ///
+    /// ```no_run
+    /// # use std::os::fd::OwnedFd;
+    /// # let mut reactor = clusterphone::Reactor::master()?;
+    /// # let worker: clusterphone::WorkerId = todo!();
+    /// let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    /// let (conn, _) = listener.accept()?;
+    /// // Hand the accepted connection to the worker; on refusal the fd comes back.
+    /// if let Err(refused) = reactor.send_to(worker, "conn", &(), Some(OwnedFd::from(conn))).send() {
+    ///     let _conn_again: Option<OwnedFd> = refused.fd;
+    /// }
+    /// # Ok::<(), clusterphone::Error>(())
+    /// ```
     pub fn send_to<'a, T: Serialize + ?Sized>(
         &'a mut self,
         worker: WorkerId,
@@ -107,6 +141,12 @@ impl Reactor {
     }
 
     /// Starts a message to the master in the default namespace (worker only).
+    ///
+    /// ```no_run
+    /// let mut reactor = clusterphone::Reactor::attach()?;
+    /// reactor.send_to_master("status", &("up", 42u32), None).send()?;
+    /// # Ok::<(), clusterphone::Error>(())
+    /// ```
     pub fn send_to_master<'a, T: Serialize + ?Sized>(
         &'a mut self,
         cmd: &'a str,
@@ -130,6 +170,14 @@ impl Reactor {
 
     /// Sends a request to `worker` and polls until its reply (blocking).
     /// Not allowed inside a handler.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # let mut reactor = clusterphone::Reactor::master()?;
+    /// # let worker: clusterphone::WorkerId = todo!();
+    /// let sum: u64 = reactor.request(worker, "sum", &[1u64, 2, 3], Duration::from_secs(2))?;
+    /// # Ok::<(), clusterphone::Error>(())
+    /// ```
     pub fn request<R: DeserializeOwned + 'static, T: Serialize + ?Sized>(
         &mut self,
         worker: WorkerId,

@@ -78,6 +78,15 @@ impl Reactor {
     }
 
     /// Frames and bytes waiting in the write queue to `worker`.
+    ///
+    /// ```no_run
+    /// # let mut reactor = clusterphone::Reactor::master()?;
+    /// # let worker: clusterphone::WorkerId = todo!();
+    /// if let Some((frames, bytes)) = reactor.queue_depth(worker) {
+    ///     println!("{frames} frames ({bytes} bytes) waiting for {worker}");
+    /// }
+    /// # Ok::<(), clusterphone::Error>(())
+    /// ```
     pub fn queue_depth(&self, worker: WorkerId) -> Option<(usize, usize)> {
         self.link(worker).and_then(|l| l.conn.as_ref()).map(|c| (c.queued_frames(), c.queued_bytes()))
     }
@@ -100,6 +109,14 @@ impl Reactor {
 
     /// Asks `worker` to exit (its `poll` returns [`Error::ExitRequested`]),
     /// and kills it if it has not exited after `grace`.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # let mut reactor = clusterphone::Reactor::master()?;
+    /// # let worker: clusterphone::WorkerId = todo!();
+    /// reactor.request_exit(worker, Duration::from_millis(500))?;
+    /// # Ok::<(), clusterphone::Error>(())
+    /// ```
     pub fn request_exit(&mut self, worker: WorkerId, grace: Duration) -> Result<(), Error> {
         let key = worker.key as usize;
         if self.link(worker).is_none() {
@@ -115,6 +132,14 @@ impl Reactor {
 
     /// Asks every worker to exit, polls until all have exited (killing those
     /// still running after `grace`), and reaps them all.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # let mut reactor = clusterphone::Reactor::master()?;
+    /// // ... at the end: ask every worker to exit, kill stragglers after 2 s, reap all.
+    /// reactor.shutdown(Duration::from_secs(2))?;
+    /// # Ok::<(), clusterphone::Error>(())
+    /// ```
     pub fn shutdown(&mut self, grace: Duration) -> Result<(), Error> {
         if self.depth > 0 {
             return Err(Error::Reentrant);

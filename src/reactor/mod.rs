@@ -175,6 +175,17 @@ type UnhandledHook = Box<dyn FnMut(&mut Reactor, &Unhandled)>;
 ///
 /// Create one with [`Reactor::master`] in the master and [`Reactor::attach`]
 /// in a worker. See the crate docs for a complete example.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// let mut reactor = clusterphone::Reactor::master()?;
+/// let worker = reactor.spawn(std::process::Command::new("my-worker-binary"))?;
+/// reactor.send_to(worker, "hello", &"world", None).send()?;
+/// loop {
+///     reactor.poll(Some(Duration::from_millis(100)))?;
+/// }
+/// # Ok::<(), clusterphone::Error>(())
+/// ```
 pub struct Reactor {
     poll: Poll,
     events: Events,
@@ -292,6 +303,21 @@ impl Reactor {
     /// If a handler or callback panics, the reactor first puts its state
     /// back in order (unread frames stay buffered; a dropped responder fails
     /// its ack), then the panic resumes out of `poll`.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # use clusterphone::Error;
+    /// let mut reactor = clusterphone::Reactor::attach()?;
+    /// loop {
+    ///     match reactor.poll(Some(Duration::from_secs(1))) {
+    ///         Ok(()) => {}
+    ///         Err(Error::ExitRequested) | Err(Error::Disconnected) => break,
+    ///         Err(e) => return Err(e),
+    ///     }
+    /// }
+    /// reactor.flush(Duration::from_secs(1))?;
+    /// # Ok::<(), clusterphone::Error>(())
+    /// ```
     pub fn poll(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
         if self.depth > 0 {
             return Err(Error::Reentrant);
@@ -324,6 +350,21 @@ impl Reactor {
     /// When `poll` next has something to do without new I/O: now, if frames
     /// are buffered; else the next timer; `None` if only I/O can wake it.
     /// With [`AsRawFd`], this lets a caller nest the reactor in its own loop.
+    ///
+    /// ```no_run
+    /// # use std::os::fd::AsRawFd;
+    /// # use std::time::{Duration, Instant};
+    /// # let mut reactor = clusterphone::Reactor::master()?;
+    /// // Wait on the reactor's fd in your own loop (here: poll(2)), then let it work.
+    /// let timeout_ms = match reactor.next_deadline() {
+    ///     Some(t) => t.saturating_duration_since(Instant::now()).as_millis() as i32,
+    ///     None => -1,
+    /// };
+    /// let mut pfd = libc::pollfd { fd: reactor.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    /// unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    /// reactor.poll(Some(Duration::ZERO))?;
+    /// # Ok::<(), clusterphone::Error>(())
+    /// ```
     pub fn next_deadline(&mut self) -> Option<Instant> {
         if self.pending_work() {
             return Some(Instant::now());
