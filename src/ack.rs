@@ -171,6 +171,14 @@ impl<T: Serialize + ?Sized> Outgoing<'_, T> {
 pub(crate) struct Outbox {
     pub(crate) frames: Vec<(WorkerId, Vec<u8>)>,
     pub(crate) max_frame: usize,
+    /// Written frame buffers handed back by the reactor, for the next replies.
+    pub(crate) spare: Vec<Vec<u8>>,
+}
+
+impl Outbox {
+    fn buffer(&mut self) -> Vec<u8> {
+        self.spare.pop().unwrap_or_default()
+    }
 }
 
 /// The receiving side's means to acknowledge one message: reply with a value
@@ -230,9 +238,11 @@ impl Responder {
     /// too large), the sender gets an error ack instead and this returns the error.
     pub fn ok<T: Serialize + ?Sized>(mut self, reply: &T) -> Result<(), Error> {
         let Some(inner) = self.inner.take() else { return Ok(()) };
-        let mut buf = Vec::new();
+        let (mut buf, max) = {
+            let mut outbox = inner.outbox.borrow_mut();
+            (outbox.buffer(), outbox.max_frame)
+        };
         let env = Envelope { kind: Kind::Reply, flags: 0, nfds: 0, seq: inner.seq, ns: "", cmd: "" };
-        let max = inner.outbox.borrow().max_frame;
         let result = match codec::encode(&mut buf, env, reply) {
             Ok(()) if buf.len() > max => Err(Error::FrameTooLarge { size: buf.len(), max }),
             other => other,
@@ -265,7 +275,7 @@ impl Responder {
 
 impl ResponderInner {
     fn send_fail(&self, code: u8, text: &str) {
-        let mut buf = Vec::new();
+        let mut buf = self.outbox.borrow_mut().buffer();
         let env = Envelope { kind: Kind::Fail, flags: 0, nfds: 0, seq: self.seq, ns: "", cmd: "" };
         // Bound the text so the frame always fits.
         let text = if text.len() > 4096 { &text[..text.floor_char_boundary_compat(4096)] } else { text };

@@ -113,6 +113,11 @@ impl Conn {
         self.pool.pop().unwrap_or_default()
     }
 
+    /// A recycled buffer, if the pool has one (never allocates).
+    pub(crate) fn spare_buffer(&mut self) -> Option<Vec<u8>> {
+        self.pool.pop()
+    }
+
     /// Returns a buffer that was not queued after all.
     pub(crate) fn recycle(&mut self, mut buf: Vec<u8>) {
         if self.pool.len() < POOL_MAX && buf.capacity() <= POOL_BUF_MAX {

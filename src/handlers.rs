@@ -57,16 +57,28 @@ struct Slot {
 
 /// What a lookup found.
 pub(crate) enum Lookup {
-    Found(Handler, u64),
+    /// The handler, taken out of its slot, and the key to put it back with.
+    Found(Handler, SlotKey),
     /// Running already (cannot happen: nested polls are refused).
     Busy,
     NoHandler,
     UnknownNamespace,
 }
 
+/// Where a taken handler goes back: its slot, checked by generation so a
+/// slot that was removed or replaced meanwhile is never refilled.
+#[derive(Clone, Copy)]
+pub(crate) struct SlotKey {
+    index: usize,
+    generation: u64,
+}
+
+/// Handlers live in a slab; names map to slab indices, so putting a handler
+/// back after it ran needs no second lookup.
 #[derive(Default)]
 pub(crate) struct Handlers {
-    spaces: FxMap<String, FxMap<String, Slot>>,
+    spaces: FxMap<String, FxMap<String, usize>>,
+    slots: slab::Slab<Slot>,
     next_generation: u64,
 }
 
@@ -98,18 +110,26 @@ impl Handlers {
         self.next_generation += 1;
         let slot = Slot { generation: self.next_generation, handler: Some(handler) };
         let new_space = !self.spaces.contains_key(ns);
-        self.spaces.entry(ns.to_owned()).or_default().insert(cmd.to_owned(), slot);
+        let space = self.spaces.entry(ns.to_owned()).or_default();
+        match space.get(cmd) {
+            // Replacing: a fresh generation, so a running old handler is not put back.
+            Some(&index) => self.slots[index] = slot,
+            None => {
+                space.insert(cmd.to_owned(), self.slots.insert(slot));
+            }
+        }
         new_space
     }
 
     /// Removes a handler; returns whether there was one.
     pub(crate) fn remove(&mut self, ns: &str, cmd: &str) -> bool {
         let Some(space) = self.spaces.get_mut(ns) else { return false };
-        let had = space.remove(cmd).is_some();
+        let Some(index) = space.remove(cmd) else { return false };
+        self.slots.remove(index);
         if space.is_empty() {
             self.spaces.remove(ns);
         }
-        had
+        true
     }
 
     pub(crate) fn contains(&self, ns: &str, cmd: &str) -> bool {
@@ -122,18 +142,19 @@ impl Handlers {
 
     /// Takes the handler for (ns, cmd) out to run it.
     pub(crate) fn take(&mut self, ns: &str, cmd: &str) -> Lookup {
-        let Some(space) = self.spaces.get_mut(ns) else { return Lookup::UnknownNamespace };
-        let Some(slot) = space.get_mut(cmd) else { return Lookup::NoHandler };
+        let Some(space) = self.spaces.get(ns) else { return Lookup::UnknownNamespace };
+        let Some(&index) = space.get(cmd) else { return Lookup::NoHandler };
+        let slot = &mut self.slots[index];
         match slot.handler.take() {
-            Some(h) => Lookup::Found(h, slot.generation),
+            Some(h) => Lookup::Found(h, SlotKey { index, generation: slot.generation }),
             None => Lookup::Busy,
         }
     }
 
     /// Puts a handler back after it ran, unless it was replaced or removed meanwhile.
-    pub(crate) fn restore(&mut self, ns: &str, cmd: &str, generation: u64, handler: Handler) {
-        if let Some(slot) = self.spaces.get_mut(ns).and_then(|s| s.get_mut(cmd)) {
-            if slot.generation == generation && slot.handler.is_none() {
+    pub(crate) fn restore(&mut self, key: SlotKey, handler: Handler) {
+        if let Some(slot) = self.slots.get_mut(key.index) {
+            if slot.generation == key.generation && slot.handler.is_none() {
                 slot.handler = Some(handler);
             }
         }

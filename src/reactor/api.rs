@@ -1,6 +1,9 @@
 //! The user-facing API: handlers, namespaces, sending, and the worker's hello.
 
 use super::*;
+
+/// Written buffers kept for responders' replies.
+const OUTBOX_SPARES: usize = 16;
 use crate::timer::after;
 
 impl Reactor {
@@ -394,8 +397,17 @@ impl Reactor {
             }
             let Some(conn) = link.conn.as_mut() else { continue };
             conn.push(buf, None);
+            // Hand a written buffer back for the next reply: replies are encoded
+            // by responders, outside any connection's pool.
+            let spare = conn.spare_buffer();
             self.stats.acks_sent += 1;
             self.after_push(id.key as usize);
+            if let Some(spare) = spare {
+                let mut outbox = self.outbox.borrow_mut();
+                if outbox.spare.len() < OUTBOX_SPARES {
+                    outbox.spare.push(spare);
+                }
+            }
         }
         self.outbox_scratch = frames;
     }

@@ -176,10 +176,10 @@ impl Reactor {
             if frame.wants_ack() { Responder::new(id, frame.seq, self.outbox.clone()) } else { Responder::none() };
         let Frame { ns, cmd, payload, fd, .. } = frame;
         match self.handlers.take(ns, cmd) {
-            Lookup::Found(mut handler, generation) => {
+            Lookup::Found(mut handler, key) => {
                 let incoming = Incoming { from, ns, cmd, payload, fd, responder };
                 self.guarded(|r| handler(r, incoming));
-                self.handlers.restore(ns, cmd, generation, handler);
+                self.handlers.restore(key, handler);
             }
             miss => {
                 let (code, reason) = match miss {

@@ -219,7 +219,7 @@ pub struct Reactor {
 
 impl Reactor {
     pub(crate) fn new(role: Role, config: Config) -> Result<Reactor, Error> {
-        let outbox = Outbox { frames: Vec::new(), max_frame: config.max_frame };
+        let outbox = Outbox { frames: Vec::new(), max_frame: config.max_frame, spare: Vec::new() };
         Ok(Reactor {
             poll: Poll::new()?,
             events: Events::with_capacity(256),
