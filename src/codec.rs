@@ -24,7 +24,18 @@ use crate::error::{Error, ProtocolError};
 
 /// Decodes CBOR like `ciborium::from_reader`, but with a reused scratch
 /// buffer: `from_reader` zeroes a fresh 4 KiB stack array on every call.
+///
+/// A payload that is one whole byte string (a [`Bytes`](crate::Bytes)) is
+/// handed to the type as one slice: ciborium would copy it through its 4 KiB
+/// scratch into a vector grown by doubling. If the type does not take bytes,
+/// ciborium decodes it as usual.
 pub(crate) fn decode_cbor<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    if let Some(body) = whole_byte_string(bytes) {
+        let d = serde::de::value::BytesDeserializer::<serde::de::value::Error>::new(body);
+        if let Ok(v) = T::deserialize(d) {
+            return Ok(v);
+        }
+    }
     thread_local! {
         static SCRATCH: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0u8; 4096 + 1024].into_boxed_slice());
     }
@@ -35,6 +46,25 @@ pub(crate) fn decode_cbor<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Resul
         // A Deserialize impl that itself decodes CBOR: fall back.
         Err(_) => ciborium::from_reader(bytes).map_err(|e| e.to_string()),
     })
+}
+
+/// The content of `cbor` if it is exactly one definite-length byte string.
+fn whole_byte_string(cbor: &[u8]) -> Option<&[u8]> {
+    let first = *cbor.first()?;
+    if first >> 5 != 2 {
+        return None;
+    }
+    let info = first & 0x1f;
+    let (len, header) = match info {
+        0..=23 => (u64::from(info), 1),
+        24 => (u64::from(*cbor.get(1)?), 2),
+        25 => (u64::from(u16::from_be_bytes(cbor.get(1..3)?.try_into().ok()?)), 3),
+        26 => (u64::from(u32::from_be_bytes(cbor.get(1..5)?.try_into().ok()?)), 5),
+        27 => (u64::from_be_bytes(cbor.get(1..9)?.try_into().ok()?), 9),
+        _ => return None, // indefinite length, or reserved
+    };
+    let body = &cbor[header..];
+    (body.len() as u64 == len).then_some(body)
 }
 
 /// Bytes in a frame header, length field included.
@@ -408,6 +438,29 @@ mod tests {
             }
             assert!(!d.is_mid_frame());
         }
+    }
+
+    #[test]
+    fn byte_strings_take_the_fast_path_and_everything_else_decodes_as_before() {
+        for len in [0usize, 5, 23, 24, 255, 256, 70_000] {
+            let b = crate::Bytes(vec![7u8; len]);
+            let mut cbor = Vec::new();
+            ciborium::into_writer(&b, &mut cbor).unwrap();
+            assert_eq!(whole_byte_string(&cbor).map(|s| s.len()), Some(len));
+            assert_eq!(decode_cbor::<crate::Bytes>(&cbor).unwrap(), b);
+            // A type that does not take bytes falls back to ciborium, with its result.
+            let plain: Result<Vec<u32>, _> = ciborium::from_reader(&cbor[..]);
+            assert_eq!(decode_cbor::<Vec<u32>>(&cbor).ok(), plain.ok());
+            // Trailing data or a truncated string is not a whole byte string.
+            let mut longer = cbor.clone();
+            longer.push(0);
+            assert_eq!(whole_byte_string(&longer), None);
+            assert_eq!(whole_byte_string(&cbor[..cbor.len().saturating_sub(1).max(1)]).is_some(), len == 0);
+        }
+        let mut cbor = Vec::new();
+        ciborium::into_writer(&(1u32, "x"), &mut cbor).unwrap();
+        assert_eq!(whole_byte_string(&cbor), None);
+        assert_eq!(decode_cbor::<(u32, String)>(&cbor).unwrap(), (1, "x".to_string()));
     }
 
     #[test]
