@@ -63,6 +63,10 @@ fn master() -> Result<(), Error> {
     println!("master: worker 0 summed to {sum}");
 
     // Hand worker 1 one end of a socket: it writes through it, we read the other end.
+    // An fd goes only to a worker that has said hello (or with `.force_queue()`).
+    while !reactor.is_ready(workers[1]) {
+        reactor.poll(Some(Duration::from_millis(10)))?;
+    }
     let (mut ours, theirs) = UnixStream::pair()?;
     reactor.send_to(workers[1], "take-socket", &(), Some(OwnedFd::from(theirs))).wait::<()>()?;
     let mut line = String::new();
