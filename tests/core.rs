@@ -548,3 +548,21 @@ fn without_writable_wakeups_a_full_socket_still_drains() {
     assert_eq!((count, bytes), (200, 200 * 64 * 1024));
     r.shutdown(SECS).unwrap();
 }
+
+#[test]
+fn busy_polling_works_and_still_honours_timeouts() {
+    let _d = util::deadline(SECS * 3);
+    let mut config = Config::default();
+    config.busy_poll = Some(Duration::from_micros(300));
+    let mut r = Reactor::master_with(config).unwrap();
+    let w = spawn_ready(&mut r, "general");
+    for i in 0..100u64 {
+        r.send_to(w, "num", &i, None).send().unwrap();
+    }
+    let seen: Vec<u64> = r.request(w, "report", &(), SECS).unwrap();
+    assert_eq!(seen, (0..100).collect::<Vec<_>>());
+    // Nothing to do: spins for the window, then sleeps out the timeout, and returns.
+    r.poll(Some(Duration::from_millis(20))).unwrap();
+    r.poll(Some(Duration::ZERO)).unwrap();
+    r.shutdown(SECS).unwrap();
+}

@@ -392,7 +392,12 @@ impl Reactor {
         if let (Some(window), true) = (self.config.busy_poll, wait != Some(Duration::ZERO)) {
             let spin_until = after(window);
             loop {
-                self.poll_io(Some(Duration::ZERO))?;
+                match self.poll_io(Some(Duration::ZERO)) {
+                    Ok(()) => {}
+                    // A signal while spinning: nothing happened, spin on.
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => self.events.clear(),
+                    Err(e) => return Err(e.into()),
+                }
                 if !self.events.is_empty() || Instant::now() >= spin_until {
                     break;
                 }
