@@ -84,6 +84,8 @@ pub struct Stats {
     pub late_acks: u64,
     /// Messages with no handler, unknown namespace, or undecodable payload.
     pub unhandled: u64,
+    /// Writes put off because too many of our fds were in flight (ETOOMANYREFS).
+    pub fd_backpressure: u64,
     /// Connections closed for breaking the protocol.
     pub protocol_errors: u64,
     /// Bytes written to sockets.

@@ -58,9 +58,43 @@ fn worker_entry() {
         "fdworker" => fd_worker(&mut r),
         "slow-labels" => slow_label_worker(&mut r),
         "emfile" => emfile_worker(r),
+        "fd-flood" => fd_flood_worker(r),
         other => panic!("unknown role {other}"),
     }
     util::serve(&mut r);
+}
+
+/// Drops root (so the kernel's in-flight fd limit applies), lowers its fd
+/// limit to 32, then sends 200 fds to a master that is not reading yet: the
+/// kernel answers ETOOMANYREFS, which must hold frames back, not fail them.
+fn fd_flood_worker(mut r: Reactor) -> ! {
+    r.flush(REQ).unwrap();
+    // SAFETY: plain syscalls on integers and structs we own.
+    unsafe {
+        if libc::geteuid() == 0 {
+            // Root is exempt from the in-flight limit (CAP_SYS_RESOURCE): become nobody.
+            assert_eq!(libc::setgid(65534), 0);
+            assert_eq!(libc::setuid(65534), 0);
+        }
+        let limit = libc::rlimit { rlim_cur: 32, rlim_max: 32 };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    for i in 0..200u32 {
+        // Queued frames hold their fds: at our own limit, let the reactor work first.
+        let file = loop {
+            match File::open("/dev/null") {
+                Ok(f) => break f,
+                Err(e) if e.raw_os_error() == Some(libc::EMFILE) => r.poll(Some(Duration::from_millis(5))).unwrap(),
+                Err(e) => panic!("open: {e}"),
+            }
+        };
+        r.send_to_master("flood", &i, Some(OwnedFd::from(file))).send().unwrap();
+    }
+    r.flush(Duration::from_secs(20)).unwrap();
+    let pushed_back = r.stats().fd_backpressure;
+    r.send_to_master("flooded", &pushed_back, None).send().unwrap();
+    r.flush(REQ).unwrap();
+    std::process::exit(0);
 }
 
 /// Lowers its own fd limit just above what it uses, then receives a burst of
@@ -373,4 +407,24 @@ fn fds_dropped_at_the_receivers_fd_limit_are_a_protocol_error_without_leaks() {
     });
     util::poll_until(&mut r, REQ, |r| r.workers().is_empty());
     assert_eq!(*exit.borrow(), Some(Some(0)), "the worker saw no protocol error, or leaked fds");
+}
+
+#[test]
+fn too_many_fds_in_flight_is_backpressure_not_an_error() {
+    let _d = util::deadline(Duration::from_secs(40));
+    let mut r = Reactor::master().unwrap();
+    let got: Rc<RefCell<Vec<(u32, bool)>>> = Rc::default();
+    let g = got.clone();
+    r.on("flood", move |_r, m: Message<u32>| g.borrow_mut().push((m.payload, m.fd.is_some()))).unwrap();
+    let pushed_back = Rc::new(RefCell::new(None));
+    let p = pushed_back.clone();
+    r.on("flooded", move |_r, m: Message<u64>| *p.borrow_mut() = Some(m.payload)).unwrap();
+    let _w = ready_worker_with(&mut r, "fd-flood");
+    // Read nothing for a while: the worker's fds pile up in flight.
+    std::thread::sleep(Duration::from_millis(500));
+    util::poll_until(&mut r, Duration::from_secs(20), |_| pushed_back.borrow().is_some());
+    let got = got.borrow();
+    assert_eq!(got.len(), 200);
+    assert!(got.iter().enumerate().all(|(i, &(n, fd))| n == i as u32 && fd), "every message, in order, with its fd");
+    assert!(pushed_back.borrow().unwrap() > 0, "the kernel never pushed back (ETOOMANYREFS)");
 }

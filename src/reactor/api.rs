@@ -368,6 +368,7 @@ impl Reactor {
         match r {
             Ok(Flushed::All) | Ok(Flushed::Blocked) => {}
             Ok(Flushed::TooManyRefs) => {
+                self.stats.fd_backpressure += 1;
                 if link.retry_timer.is_none() {
                     link.retry_timer = Some(self.timers.insert(Instant::now() + WRITE_RETRY, Timer::WriteRetry(id)));
                 }
