@@ -466,9 +466,13 @@ mod tests {
     #[test]
     fn oversized_length_is_refused_before_allocating() {
         let mut d = Decoder::new(1024, 4);
-        d.feed(&[0xff, 0xff, 0xff, 0x7f, MAGIC]);
+        // 64 MiB announced: far over the limit, small enough that a regression fails fast.
+        d.feed(&[0x00, 0x00, 0x00, 0x04, MAGIC]);
+        // Room asked for with the length buffered (feed() does so for any longer input).
+        let room = d.read_buf().len();
+        assert!(room <= READ_CHUNK, "read_buf offered {room} bytes for a frame over the limit");
         assert!(matches!(d.next_frame(), Err(ProtocolError::TooLarge { .. })));
-        assert!(d.buf.len() <= READ_CHUNK);
+        assert!(d.buf.capacity() <= READ_CHUNK, "{} bytes reserved", d.buf.capacity());
     }
 
     #[test]

@@ -215,5 +215,11 @@ mod tests {
         }
         assert_eq!(w.len(), 0);
         assert!(w.slots.iter().all(|s| s.is_empty()));
+        // A burst on one tick: once cancelled, its slot gives the memory back.
+        let keys: Vec<_> = (0..1000).map(|_| w.insert(t0 + Duration::from_millis(7), 0)).collect();
+        for k in keys {
+            assert!(w.cancel(k).is_some());
+        }
+        assert!(w.slots.iter().all(|s| s.capacity() <= 16), "a slot kept its burst capacity");
     }
 }

@@ -13,6 +13,8 @@ use std::time::Duration;
 use clusterphone::{AckError, Config, Error, Message, Peer, Reactor, WorkerEvent, WorkerId};
 
 const SECS: Duration = Duration::from_secs(10);
+/// Frames the burst-exit worker sends just before it exits.
+const BURST: u64 = 20_000;
 
 #[test]
 fn worker_entry() {
@@ -22,7 +24,7 @@ fn worker_entry() {
         "general" => general_worker(),
         "burst-exit" => {
             let mut r = Reactor::attach().unwrap();
-            for i in 0..1000u64 {
+            for i in 0..BURST {
                 r.send_to_master("burst", &i, None).send().unwrap();
             }
             r.flush(SECS).unwrap();
@@ -45,6 +47,27 @@ fn worker_entry() {
             let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
             std::process::exit(if !clusterphone::is_worker() && !open { 0 } else { 1 });
         }
+        "grandchild-holds-channel" => {
+            // A grandchild inherits a copy of the channel, so our death closes no socket:
+            // only a check of our own exit status can tell the master we are gone.
+            let raw: i32 = std::env::var(clusterphone::ENV_FD).unwrap().parse().unwrap();
+            // SAFETY: dup of the inherited channel fd; the copy has no close-on-exec flag.
+            assert!(unsafe { libc::dup(raw) } >= 0);
+            let mut r = Reactor::attach().unwrap();
+            // Reaped by init once the test kills it.
+            #[allow(clippy::zombie_processes)]
+            let gc = std::process::Command::new("sleep").arg("20").spawn().unwrap();
+            r.on("grandchild", move |_r, m: Message<()>| m.reply.ok(&gc.id()).unwrap()).unwrap();
+            util::serve(&mut r);
+        }
+        "roles" => {
+            let mut r = Reactor::attach().unwrap();
+            let spawn = matches!(r.spawn(util::worker_command("general")), Err(Error::WrongRole));
+            let me = r.worker_id().expect("the master told us our id");
+            let send = r.send_to(me, "x", &(), None).send();
+            let send = matches!(send, Err(e) if matches!(e.error, Error::WrongRole));
+            std::process::exit(if spawn && send { 0 } else { 1 });
+        }
         "ignore-exit" => {
             let mut r = Reactor::attach().unwrap();
             loop {
@@ -59,6 +82,7 @@ fn worker_entry() {
 }
 
 fn general_worker() {
+    let channel: i32 = std::env::var(clusterphone::ENV_FD).unwrap().parse().unwrap();
     let mut r = Reactor::attach().unwrap();
     let seen: Rc<RefCell<Vec<u64>>> = Rc::default();
     r.on("ping", |r, msg: Message<u64>| {
@@ -105,7 +129,7 @@ fn general_worker() {
         msg.reply.ok(&status.success()).unwrap();
     })
     .unwrap();
-    r.on("channel-fd", |_r, msg: Message<()>| msg.reply.ok(&channel_fd()).unwrap()).unwrap();
+    r.on("channel-fd", move |_r, msg: Message<()>| msg.reply.ok(&channel).unwrap()).unwrap();
     let sunk = Rc::new(RefCell::new((0u64, 0u64)));
     let s = sunk.clone();
     r.on("sink", move |_r, msg: Message<clusterphone::Bytes>| {
@@ -116,18 +140,6 @@ fn general_worker() {
     .unwrap();
     r.on("sunk", move |_r, msg: Message<()>| msg.reply.ok(&*sunk.borrow()).unwrap()).unwrap();
     util::serve(&mut r);
-}
-
-/// The worker's channel fd number, found as the only Unix socket among its fds
-/// other than what the reactor created (epoll is not a socket).
-fn channel_fd() -> i32 {
-    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
-        let target = std::fs::read_link(entry.path()).unwrap_or_default();
-        if target.to_string_lossy().starts_with("socket:") {
-            return entry.file_name().to_string_lossy().parse().unwrap();
-        }
-    }
-    -1
 }
 
 fn spawn_ready(r: &mut Reactor, role: &str) -> WorkerId {
@@ -319,7 +331,10 @@ fn handlers_can_register_remove_and_send_reentrantly() {
 #[test]
 fn a_worker_that_sends_and_exits_at_once_loses_nothing() {
     let _d = util::deadline(SECS * 3);
-    let mut r = Reactor::master().unwrap();
+    let mut config = Config::default();
+    // Far below the burst: frames are still buffered (or unread) when the exit shows.
+    config.frames_per_poll = 16;
+    let mut r = Reactor::master_with(config).unwrap();
     let got: Rc<RefCell<Vec<u64>>> = Rc::default();
     let g = got.clone();
     r.on("burst", move |_r, msg: Message<u64>| g.borrow_mut().push(msg.payload)).unwrap();
@@ -333,7 +348,9 @@ fn a_worker_that_sends_and_exits_at_once_loses_nothing() {
     r.spawn(util::worker_command("burst-exit")).unwrap();
     util::poll_until(&mut r, SECS, |_| exited.borrow().is_some());
     assert_eq!(exited.borrow().unwrap().code(), Some(0));
-    assert_eq!(*got.borrow(), (0..1000).collect::<Vec<_>>());
+    let got = got.borrow();
+    assert_eq!(got.len() as u64, BURST, "frames lost at the exit");
+    assert!(got.iter().copied().eq(0..BURST), "frames out of order");
 }
 
 #[test]
@@ -412,10 +429,13 @@ fn request_exit_kills_a_worker_that_ignores_it() {
 fn a_panicking_handler_leaves_the_reactor_consistent() {
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
-    r.on("from-worker", |_r, msg: Message<u64>| {
+    let handled: Rc<RefCell<Vec<u64>>> = Rc::default();
+    let h = handled.clone();
+    r.on("from-worker", move |_r, msg: Message<u64>| {
         if msg.payload == 1 {
             panic!("handler panic on purpose");
         }
+        h.borrow_mut().push(msg.payload);
     })
     .unwrap();
     let count = Rc::new(RefCell::new(0));
@@ -434,7 +454,10 @@ fn a_panicking_handler_leaves_the_reactor_consistent() {
     assert_eq!(panics, 1);
     // The handler is still registered and the frames after the panic were not lost.
     assert!(r.has_handler("_", "from-worker"));
-    assert_eq!(r.request::<Vec<u64>, _>(w, "report", &(), SECS).unwrap(), Vec::<u64>::new());
+    assert_eq!(*handled.borrow(), vec![0, 2], "the frame after the panicking one was lost");
+    // And it keeps serving.
+    r.send_to(w, "go", &1u64, None).send().unwrap();
+    util::poll_until(&mut r, SECS, |_| handled.borrow().len() == 3);
     r.shutdown(SECS).unwrap();
 }
 
@@ -467,9 +490,21 @@ fn nests_in_a_foreign_poller_without_stalling() {
 
 #[test]
 fn spawn_and_send_are_role_checked() {
+    let _d = util::deadline(SECS);
     let mut r = Reactor::master().unwrap();
     let e = r.send_to_master("x", &(), None).send().unwrap_err();
     assert!(matches!(e.error, Error::WrongRole));
+    // And on a worker: no spawn, no send_to.
+    let status = Rc::new(RefCell::new(None));
+    let st = status.clone();
+    r.on_worker_event(move |_r, _id, e| {
+        if let WorkerEvent::Exited(s) = e {
+            *st.borrow_mut() = Some(*s)
+        }
+    });
+    r.spawn(util::worker_command("roles")).unwrap();
+    util::poll_until(&mut r, SECS, |_| status.borrow().is_some());
+    assert!(status.borrow().unwrap().success(), "a worker could spawn or send_to");
 }
 
 #[test]
@@ -517,13 +552,17 @@ fn exits_are_found_without_a_pidfd_too() {
             *st.borrow_mut() = Some(*s)
         }
     });
-    let w = spawn_ready(&mut r, "general");
+    // Its grandchild keeps the channel open: no hang-up, only the waitpid checks see the exit.
+    let w = spawn_ready(&mut r, "grandchild-holds-channel");
+    let gc: u32 = r.request(w, "grandchild", &(), SECS).unwrap();
     let pending = r.send_to(w, "report", &(), None).handle::<Vec<u64>>().unwrap();
     r.kill(w).unwrap();
     util::poll_until(&mut r, Duration::from_secs(5), |_| status.borrow().is_some());
+    // SAFETY: kill(2) on the pid our worker reported; it is our grandchild.
+    unsafe { libc::kill(gc as i32, libc::SIGKILL) };
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.borrow().unwrap().signal(), Some(libc::SIGKILL));
-    assert!(pending.is_done());
+    assert!(matches!(pending.take(), Some(Err(AckError::Exited(_)))));
     assert!(r.workers().is_empty(), "reaped");
 }
 
@@ -562,7 +601,10 @@ fn busy_polling_works_and_still_honours_timeouts() {
     let seen: Vec<u64> = r.request(w, "report", &(), SECS).unwrap();
     assert_eq!(seen, (0..100).collect::<Vec<_>>());
     // Nothing to do: spins for the window, then sleeps out the timeout, and returns.
+    // (A lower bound only: load can make the poll longer, never shorter.)
+    let start = std::time::Instant::now();
     r.poll(Some(Duration::from_millis(20))).unwrap();
+    assert!(start.elapsed() >= Duration::from_millis(20), "returned before its timeout: {:?}", start.elapsed());
     r.poll(Some(Duration::ZERO)).unwrap();
     r.shutdown(SECS).unwrap();
 }

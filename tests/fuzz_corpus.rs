@@ -10,10 +10,12 @@
 #[allow(dead_code)]
 #[path = "../fuzz/src/lib.rs"]
 mod harness;
+mod util;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use clusterphone::codec::{encode, Envelope, Kind, FLAG_ACK, MAGIC, PROTOCOL_VERSION};
 use clusterphone::ProtocolError;
@@ -239,6 +241,8 @@ fn inputs(target: &str) -> Vec<PathBuf> {
 #[test]
 fn every_seed_and_corpus_input_passes_the_harness() {
     let _g = serial();
+    // A decoder that allocates or loops on some input must fail, not hang.
+    let _d = util::deadline(Duration::from_secs(120));
     harness::receive_one(&ScriptBuilder::new(MIB, 1).push_fd().build()); // makes the template fd
     let (fds_before, ours) = harness::open_fd_count();
     assert_eq!(ours, 1, "harness fds open before the replay");

@@ -12,12 +12,14 @@
 
 mod util;
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::{Cell, RefCell};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clusterphone::codec::{fail, Kind, FLAG_ACK, MAGIC, PROTOCOL_VERSION};
@@ -25,6 +27,38 @@ use clusterphone::{AckError, Bytes, Config, Error, Message, ProtocolError, SendE
 use util::events::{echo_worker, Ev, Master, LIMIT};
 use util::raw::{assert_probe_closed, env, frame, probe, raw_frame, RawPeer};
 use util::{deadline, poll_until, role, worker_command};
+
+/// Records the largest single allocation of this process: memory reserved for
+/// what a peer announced shows here even if it is never touched (VmHWM would not).
+struct Largest;
+
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator; we only record sizes.
+unsafe impl GlobalAlloc for Largest {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        // SAFETY: same contract as our caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        // SAFETY: same contract as our caller's.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as our caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LARGEST.fetch_max(new_size, Ordering::Relaxed);
+        // SAFETY: same contract as our caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Largest = Largest;
 
 // ----- roles (run in re-executed children) ----------------------------------
 
@@ -271,6 +305,9 @@ fn huge_length_is_refused_without_allocating_it() {
     // resident size would show it.
     let peak = peak_rss_kib();
     assert!(peak < 512 * 1024, "peak RSS {peak} KiB");
+    // Nor reserved it untouched (no test here allocates anything near 64 MiB at once).
+    let largest = LARGEST.load(Ordering::Relaxed);
+    assert!(largest < 64 << 20, "a single allocation of {largest} bytes");
 }
 
 #[test]
@@ -443,6 +480,15 @@ fn flooding_peer_does_not_starve_the_others() {
     m.echo(normal, 0);
     let counter = flooded.clone();
     poll_until(&mut m.r, LIMIT, move |_| counter.get() >= 2000);
+
+    // The budget itself: one poll reads a peer at most twice (its event, then its
+    // backlog), so it never dispatches more than 2 * frames_per_poll of its frames.
+    for _ in 0..200 {
+        let before = flooded.get();
+        m.r.poll(Some(Duration::ZERO)).unwrap();
+        let took = flooded.get() - before;
+        assert!(took <= 2 * 16, "one poll dispatched {took} frames from one peer (budget 16)");
+    }
 
     // Requests to the normal worker complete while the flood goes on.
     let before = flooded.get();

@@ -161,6 +161,8 @@ fn soak_sixteen_workers_with_kills_and_fds() {
             spawn(&mut r, &live);
         }
         let mut sent = 0usize;
+        // The worker each message went to, by index.
+        let mut target: Vec<WorkerId> = Vec::with_capacity(TO_WORKERS);
         let mut kills = 0;
         let mut next_kill = 3000;
         while outcomes.borrow().iter().any(|o| o.1 == 0) {
@@ -191,6 +193,7 @@ fn soak_sixteen_workers_with_kills_and_fds() {
                             }
                         });
                     result.unwrap();
+                    target.push(id);
                     let mut lv = live.borrow_mut();
                     let l = lv.get_mut(&id).unwrap();
                     l.next_seq += 1;
@@ -218,6 +221,10 @@ fn soak_sixteen_workers_with_kills_and_fds() {
         assert!(order_errors.borrow().is_empty(), "{:?}", order_errors.borrow());
         let lost = outcomes.iter().filter(|o| o.0 == 2).count();
         assert!(kills > 0, "the soak killed no worker");
+        let killed = killed.borrow();
+        for (i, (o, id)) in outcomes.iter().zip(&target).enumerate() {
+            assert!(o.0 == 1 || killed.contains(id), "message {i} to {id}, never killed, failed: outcome {}", o.0);
+        }
         // Each surviving worker: all its acked messages to us resolved OK.
         let mut from_live = 0;
         for id in live.borrow().keys().copied().collect::<Vec<_>>() {

@@ -30,8 +30,11 @@ impl Reactor {
     /// plain disconnection: the socket often closes a moment before the
     /// process can be reaped, so wait `hangup_grace` for it.
     pub(super) fn hangup(&mut self, key: usize, reason: DisconnectReason) {
-        if self.role == Role::Master && self.check_exit(key) {
-            return;
+        if self.role == Role::Master {
+            // The end of the stream of a process whose exit is being reported: check_exit closes it.
+            if self.links.get(key).is_some_and(|l| l.draining) || self.check_exit(key) {
+                return;
+            }
         }
         let grace = self.config.hangup_grace;
         let Some(link) = self.links.get_mut(key) else { return };
@@ -56,10 +59,33 @@ impl Reactor {
         let Some(child) = link.child.as_mut() else { return false };
         match child.try_wait() {
             Ok(Some(status)) => {
-                self.link_down(key, Down::Exited(status));
+                let id = link.id;
+                if link.conn.is_some() && !link.draining {
+                    link.draining = true;
+                    self.read_what_the_dead_wrote(key, id);
+                }
+                // A handler run meanwhile may have spawned a worker into a freed key.
+                if self.links.get(key).is_some_and(|l| l.id == id) {
+                    self.link_down(key, Down::Exited(status));
+                }
                 true
             }
             _ => false,
+        }
+    }
+
+    /// The process is gone, so everything it wrote is already in the socket
+    /// (a grandchild holding the channel aside): dispatch it all, past the
+    /// fairness budget, before the exit fails the acks and drops the channel.
+    fn read_what_the_dead_wrote(&mut self, key: usize, id: WorkerId) {
+        loop {
+            let progress = |r: &Reactor| (r.stats.frames_read, r.stats.bytes_read);
+            let before = progress(self);
+            self.read_link(key, false);
+            self.backlog.retain(|&k| k != key);
+            if self.panic.is_some() || !self.link_alive(key, id) || progress(self) == before {
+                return;
+            }
         }
     }
 

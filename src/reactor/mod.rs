@@ -121,6 +121,8 @@ pub(crate) struct Link {
     hangup_reason: Option<DisconnectReason>,
     kill_timer: Option<TimerKey>,
     retry_timer: Option<TimerKey>,
+    /// The process has exited and what it wrote is being read before the exit is reported.
+    draining: bool,
 }
 
 impl Link {
@@ -139,6 +141,7 @@ impl Link {
             hangup_reason: None,
             kill_timer: None,
             retry_timer: None,
+            draining: false,
         }
     }
 }
