@@ -58,6 +58,9 @@ fn worker_entry() {
             #[allow(clippy::zombie_processes)]
             let gc = std::process::Command::new("sleep").arg("20").spawn().unwrap();
             r.on("grandchild", move |_r, m: Message<()>| m.reply.ok(&gc.id()).unwrap()).unwrap();
+            // Never answered: its ack can only end with our exit.
+            let held: Rc<RefCell<Vec<clusterphone::Responder>>> = Rc::default();
+            r.on("hold", move |_r, m: Message<()>| held.borrow_mut().push(m.reply)).unwrap();
             util::serve(&mut r);
         }
         "roles" => {
@@ -555,7 +558,7 @@ fn exits_are_found_without_a_pidfd_too() {
     // Its grandchild keeps the channel open: no hang-up, only the waitpid checks see the exit.
     let w = spawn_ready(&mut r, "grandchild-holds-channel");
     let gc: u32 = r.request(w, "grandchild", &(), SECS).unwrap();
-    let pending = r.send_to(w, "report", &(), None).handle::<Vec<u64>>().unwrap();
+    let pending = r.send_to(w, "hold", &(), None).handle::<()>().unwrap();
     r.kill(w).unwrap();
     util::poll_until(&mut r, Duration::from_secs(5), |_| status.borrow().is_some());
     // SAFETY: kill(2) on the pid our worker reported; it is our grandchild.
