@@ -67,17 +67,22 @@ fn idle_until_orphaned() {
     }
 }
 
-fn sink(r: &mut Reactor) {
-    let devnull = devnull();
-    // (messages, of which with an fd)
+/// Registers an "fd" handler that counts (messages, of which with an fd) and
+/// leaves the fd in the message, so dropping the message must close it.
+fn count_fd_messages(r: &mut Reactor) -> Rc<Cell<(u64, u64)>> {
     let count = Rc::new(Cell::new((0u64, 0u64)));
     let c = count.clone();
-    // Leaves the fd in the message, so dropping the message must close it.
     r.on("fd", move |_r, msg: Message<u32>| {
         let (n, with) = c.get();
         c.set((n + 1, with + u64::from(msg.fd.is_some())));
     })
     .unwrap();
+    count
+}
+
+fn sink(r: &mut Reactor) {
+    let devnull = devnull();
+    let count = count_fd_messages(r);
     r.on("count", move |_r, msg: Message<()>| {
         let _ = msg.reply.ok(&count.get());
     })
@@ -135,13 +140,7 @@ fn no_fd_leaks() {
 /// that no handler takes): both sides end with the fds they started with.
 fn both_directions(r: &mut Reactor) {
     let devnull = devnull();
-    let count = Rc::new(Cell::new((0u64, 0u64)));
-    let c = count.clone();
-    r.on("fd", move |_r, msg: Message<u32>| {
-        let (n, with) = c.get();
-        c.set((n + 1, with + u64::from(msg.fd.is_some())));
-    })
-    .unwrap();
+    let count = count_fd_messages(r);
     let unhandled = Rc::new(Cell::new(0u32));
     let u = unhandled.clone();
     r.on_unhandled(move |_r, info| {
