@@ -750,7 +750,15 @@ fn worker_main() -> Result<(), Error> {
         }
     }
     let _ = r.flush(Duration::from_secs(2));
+    if show_stats() {
+        eprintln!("worker stats: {:?}", r.stats());
+    }
     Ok(())
+}
+
+/// `IPC_BENCH_STATS=1`: print the reactors' counters (frames per write call, ...).
+fn show_stats() -> bool {
+    std::env::var("IPC_BENCH_STATS").is_ok_and(|v| v == "1")
 }
 
 // ----- options and sizes -------------------------------------------------------------
@@ -1563,7 +1571,17 @@ fn master_main() -> Res<()> {
             }
             for &imp in &impls {
                 eprintln!("  {name} {}", imp.name());
+                let before = b.r.stats();
                 phase(&mut b, imp)?;
+                if show_stats() && imp == Impl::Cp {
+                    let s = b.r.stats();
+                    eprintln!(
+                        "    master: {} frames written in {} calls, {} frames read",
+                        s.frames_written - before.frames_written,
+                        s.write_calls - before.write_calls,
+                        s.frames_read - before.frames_read
+                    );
+                }
             }
         }
         if b.opts.phase("ack") {

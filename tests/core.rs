@@ -106,6 +106,11 @@ fn general_worker() {
         msg.reply.ok(&(st.unhandled, st.acks_sent, st.messages_received)).unwrap();
     })
     .unwrap();
+    r.on("writes", |r, msg: Message<()>| {
+        let st = r.stats();
+        msg.reply.ok(&(st.frames_written, st.write_calls)).unwrap();
+    })
+    .unwrap();
     r.on("go", |r, msg: Message<u64>| {
         for i in 0..msg.payload {
             r.send_to_master("from-worker", &i, None).send().unwrap();
@@ -537,6 +542,32 @@ fn a_batch_coalesces_sends_into_few_writes() {
     assert!(after.write_calls - mid.write_calls <= 1000 / 64 + 2, "{} calls", after.write_calls - mid.write_calls);
     let seen: Vec<u64> = r.request(w, "report", &(), SECS).unwrap();
     assert_eq!(seen, (0..2000).collect::<Vec<_>>());
+    r.shutdown(SECS).unwrap();
+}
+
+#[test]
+fn replies_to_one_read_share_a_write() {
+    let _d = util::deadline(SECS * 3);
+    let mut r = Reactor::master().unwrap();
+    let w = spawn_ready(&mut r, "general");
+    let (frames0, calls0): (u64, u64) = r.request(w, "writes", &(), SECS).unwrap();
+    let answers: Rc<RefCell<Vec<String>>> = Rc::default();
+    r.batch(|r| {
+        for _ in 0..500 {
+            let a = answers.clone();
+            r.send_to(w, "dual", &(), None)
+                .ackd(move |_r, res: Result<String, AckError>| a.borrow_mut().push(res.unwrap()))
+                .unwrap();
+        }
+    });
+    util::poll_until(&mut r, SECS, |_| answers.borrow().len() == 500);
+    assert!(answers.borrow().iter().all(|a| a == "default"));
+    let (frames1, calls1): (u64, u64) = r.request(w, "writes", &(), SECS).unwrap();
+    // 500 requests leave in about 8 gathered writes, so the worker reads them
+    // in a handful of reads; the replies to each read go out together.
+    assert_eq!(frames1 - frames0, 501, "the 500 replies and the first stats reply");
+    let calls = calls1 - calls0;
+    assert!(calls <= 25, "500 replies took {calls} write calls");
     r.shutdown(SECS).unwrap();
 }
 

@@ -322,20 +322,24 @@ impl Reactor {
         Ok(())
     }
 
-    /// Writes a link's queue now if that is allowed, else marks it for later.
+    /// Writes a link's queue now if that is allowed (outside callbacks), else
+    /// marks it for the flush at the end of the batch.
     pub(super) fn after_push(&mut self, key: usize) {
-        let link = &mut self.links[key];
-        if !link.ready || link.conn.as_ref().is_none_or(|c| c.blocked) {
+        self.mark_dirty(key);
+        if self.depth == 0 {
+            self.flush_dirty();
+        }
+    }
+
+    /// Marks a link for the next `flush_dirty`, so that frames queued together
+    /// leave in one `sendmsg`.
+    pub(super) fn mark_dirty(&mut self, key: usize) {
+        let Some(link) = self.links.get_mut(key) else { return };
+        if !link.ready || link.dirty || link.conn.as_ref().is_none_or(|c| c.blocked) {
             return;
         }
-        if self.depth > 0 {
-            if !link.dirty {
-                link.dirty = true;
-                self.dirty.push(key);
-            }
-            return;
-        }
-        self.flush_link(key);
+        link.dirty = true;
+        self.dirty.push(key);
     }
 
     /// Writes what the socket takes. Failures are recorded and handled by
@@ -402,7 +406,9 @@ impl Reactor {
             // by responders, outside any connection's pool.
             let spare = conn.spare_buffer();
             self.stats.acks_sent += 1;
-            self.after_push(id.key as usize);
+            // Every caller flushes after draining: replies to one read batch
+            // share a write call.
+            self.mark_dirty(id.key as usize);
             if let Some(spare) = spare {
                 let mut outbox = self.outbox.borrow_mut();
                 if outbox.spare.len() < OUTBOX_SPARES {
