@@ -5,13 +5,16 @@
 //! cargo bench --bench ipc -- --placement split   # master on CPU 0, worker on CPU 1 (default)
 //! cargo bench --bench ipc -- --placement same    # both on CPU 0
 //! cargo bench --bench ipc -- --busy-poll         # busy-polling RTT: clusterphone-busy vs raw-busy
-//! cargo bench --bench ipc -- --lean              # Config::writable_wakeups off on both sides
+//! cargo bench --bench ipc -- --wakeups never     # Config::writable_wakeups on both sides: never|always|large (default)
 //! cargo bench --bench ipc -- --quick             # ~10x smaller counts (CI smoke, well under 30 s)
 //! ```
 //!
 //! Other flags: `--only rtt,oneway,window,big,fd,ack,allocs,mem` (phases to run),
 //! `--impl clusterphone,raw-blocking,raw-mio` (implementations to run),
-//! `--watchdog SECS` (abort a stuck run; default 300, or 60 with `--quick`),
+//! `--rounds N` (each phase runs N times per implementation, interleaved, each
+//! round starting with another implementation; the table shows medians and
+//! the range; default 3, or 1 with `--quick`),
+//! `--watchdog SECS` (abort a stuck run; default 300 per round, or 60 with `--quick`),
 //! `--cap-ms MS` (wall-clock cap of one timed phase; default 4000, or 700 with
 //! `--quick`; raise it for runs under valgrind). The experimental baseline
 //! `raw-mio-lazyw` (mio, registered for WRITABLE only while a write is
@@ -27,7 +30,8 @@
 //! CBOR (ciborium) of the same payload; each frame is one `write`.
 //!
 //! Output: a human table, then one JSON line per figure:
-//! `{"impl": .., "metric": .., "value": .., "unit": .., "n": .., "placement": ..}`.
+//! `{"impl": .., "metric": .., "value": .., "unit": .., "n": .., "placement": .., "rounds": .., "min": .., "max": ..}`
+//! (`value` is the median over rounds, `n` the samples of all rounds).
 //!
 //! Figures (payload `{key: "value", n}`; `n` in JSON is the sample count):
 //! - `rtt_p50_us`, `rtt_p99_us`: request → ack round trips, one at a time, after warm-up.
@@ -56,7 +60,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use clusterphone::{AckError, Bytes, Config, Error, Message, Reactor, Responder, WorkerId};
+use clusterphone::{AckError, Bytes, Config, Error, Message, Reactor, Responder, WorkerId, WritableWakeups};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use serde::de::DeserializeOwned;
@@ -145,13 +149,20 @@ const ROLE_VAR: &str = "CP_BENCH_ROLE";
 const CPU_VAR: &str = "CP_BENCH_CPU";
 const BUSY_VAR: &str = "CP_BENCH_BUSY";
 const WATCHDOG_VAR: &str = "CP_BENCH_WATCHDOG";
-const LEAN_VAR: &str = "CP_BENCH_LEAN";
+const WAKEUPS_VAR: &str = "CP_BENCH_WAKEUPS";
 
-/// `--lean`: both reactors run with `Config::writable_wakeups = false`.
-static LEAN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// `--wakeups never|always|large`: `Config::writable_wakeups` of both
+/// reactors (`--lean` is `never`). The master passes it on in the environment.
+fn wakeups_name() -> String {
+    std::env::var(WAKEUPS_VAR).unwrap_or_else(|_| "large".to_owned())
+}
 
-fn lean() -> bool {
-    LEAN.load(std::sync::atomic::Ordering::Relaxed)
+fn wakeups_from_env() -> WritableWakeups {
+    match wakeups_name().as_str() {
+        "never" => WritableWakeups::Never,
+        "always" => WritableWakeups::Always,
+        _ => Config::default().writable_wakeups,
+    }
 }
 /// `n` of the raw frame that ends a one-way or fd run ("tell me your count").
 const SENTINEL: u64 = u64::MAX;
@@ -213,8 +224,11 @@ enum Impl {
 impl Impl {
     fn name(self) -> &'static str {
         match self {
-            Impl::Cp if lean() => "clusterphone-lean",
-            Impl::Cp => "clusterphone",
+            Impl::Cp => match wakeups_name().as_str() {
+                "never" => "clusterphone-never",
+                "always" => "clusterphone-always",
+                _ => "clusterphone",
+            },
             Impl::RawBlocking => "raw-blocking",
             Impl::RawMio => "raw-mio",
             Impl::RawMioLazy => "raw-mio-lazyw",
@@ -674,7 +688,7 @@ fn worker_main() -> Result<(), Error> {
     if std::env::var(BUSY_VAR).is_ok_and(|v| v == "1") {
         config.busy_poll = Some(BUSY_WINDOW);
     }
-    config.writable_wakeups = !std::env::var(LEAN_VAR).is_ok_and(|v| v == "1");
+    config.writable_wakeups = wakeups_from_env();
     let mut r = Reactor::attach_with(config)?;
 
     let count = Rc::new(Cell::new(0u64));
@@ -793,6 +807,8 @@ struct Opts {
     impls: Option<Vec<String>>,
     watchdog: u64,
     cap_ms: Option<u64>,
+    /// Times each phase runs per implementation, interleaved.
+    rounds: usize,
 }
 
 impl Opts {
@@ -805,6 +821,7 @@ impl Opts {
             impls: None,
             watchdog: 0,
             cap_ms: None,
+            rounds: 0,
         };
         let mut args = std::env::args().skip(1);
         let list = |s: String| -> Vec<String> { s.split(',').map(|x| x.trim().to_owned()).collect() };
@@ -824,17 +841,29 @@ impl Opts {
                     }
                 },
                 "--busy-poll" => o.busy = true,
-                "--lean" => LEAN.store(true, std::sync::atomic::Ordering::Relaxed),
+                // The worker inherits the variable.
+                "--lean" => std::env::set_var(WAKEUPS_VAR, "never"),
+                "--wakeups" => match value(&mut args).as_deref() {
+                    Some(w @ ("never" | "always" | "large")) => std::env::set_var(WAKEUPS_VAR, w),
+                    other => {
+                        eprintln!("--wakeups takes never|always|large, not {other:?}");
+                        std::process::exit(2);
+                    }
+                },
                 "--quick" => o.quick = true,
                 "--only" => o.only = value(&mut args).map(list),
                 "--impl" => o.impls = value(&mut args).map(list),
                 "--cap-ms" => o.cap_ms = value(&mut args).and_then(|v| v.parse().ok()),
+                "--rounds" => o.rounds = value(&mut args).and_then(|v| v.parse().ok()).unwrap_or(0),
                 "--watchdog" => o.watchdog = value(&mut args).and_then(|v| v.parse().ok()).unwrap_or(0),
                 _ => {} // e.g. cargo's --bench
             }
         }
+        if o.rounds == 0 {
+            o.rounds = if o.quick { 1 } else { 3 };
+        }
         if o.watchdog == 0 {
-            o.watchdog = if o.quick { 60 } else { 300 };
+            o.watchdog = if o.quick { 60 } else { 300 } * o.rounds as u64;
         }
         o
     }
@@ -844,7 +873,9 @@ impl Opts {
     }
 
     fn runs(&self, imp: Impl) -> bool {
-        self.impls.as_ref().is_none_or(|l| l.iter().any(|x| x == imp.name()))
+        self.impls
+            .as_ref()
+            .is_none_or(|l| l.iter().any(|x| x == imp.name() || (imp == Impl::Cp && x == "clusterphone")))
     }
 }
 
@@ -912,7 +943,6 @@ struct Fig {
     imp: &'static str,
     metric: &'static str,
     value: f64,
-    unit: &'static str,
     n: u64,
 }
 
@@ -973,7 +1003,6 @@ fn worker_command(opts: &Opts, busy: bool) -> Res<Command> {
         .env(CPU_VAR, opts.placement.worker_cpu().to_string())
         .env(BUSY_VAR, if busy { "1" } else { "0" })
         .env(WATCHDOG_VAR, opts.watchdog.to_string())
-        .env(LEAN_VAR, if lean() { "1" } else { "0" })
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     Ok(cmd)
@@ -981,7 +1010,7 @@ fn worker_command(opts: &Opts, busy: bool) -> Res<Command> {
 
 impl Bench {
     fn fig(&mut self, imp: Impl, metric: &'static str, value: f64, n: u64) {
-        self.figs.push(Fig { imp: imp.name(), metric, value, unit: unit_of(metric), n });
+        self.figs.push(Fig { imp: imp.name(), metric, value, n });
     }
 
     /// Hands the worker a fresh socketpair end for a raw job; returns our end.
@@ -1445,6 +1474,37 @@ fn fmt_value(v: f64) -> String {
     }
 }
 
+/// `impls` rotated left by `round`, so each round starts with another one.
+fn rotated(impls: &[Impl], round: usize) -> Vec<Impl> {
+    let mut v = impls.to_vec();
+    if !v.is_empty() {
+        let k = round % v.len();
+        v.rotate_left(k);
+    }
+    v
+}
+
+/// One figure over all rounds: the median, the range, and the samples summed.
+struct Summary {
+    median: f64,
+    min: f64,
+    max: f64,
+    rounds: usize,
+    n: u64,
+}
+
+fn summarize(figs: &[Fig], imp: &str, metric: &str) -> Option<Summary> {
+    let mut values: Vec<f64> = figs.iter().filter(|f| f.imp == imp && f.metric == metric).map(|f| f.value).collect();
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let k = values.len();
+    let median = if k % 2 == 1 { values[k / 2] } else { (values[k / 2 - 1] + values[k / 2]) / 2.0 };
+    let n = figs.iter().filter(|f| f.imp == imp && f.metric == metric).map(|f| f.n).sum();
+    Some(Summary { median, min: values[0], max: values[k - 1], rounds: k, n })
+}
+
 fn print_report(figs: &[Fig], notes: &[String], placement: &str) {
     let mut impls: Vec<&str> = Vec::new();
     for f in figs {
@@ -1455,7 +1515,7 @@ fn print_report(figs: &[Fig], notes: &[String], placement: &str) {
     impls.sort_by_key(|i| !i.starts_with("clusterphone"));
     let ours: Vec<&str> = impls.iter().copied().filter(|i| i.starts_with("clusterphone")).collect();
     let base: Vec<&str> = impls.iter().copied().filter(|i| !i.starts_with("clusterphone")).collect();
-    let get = |imp: &str, metric: &str| figs.iter().find(|f| f.imp == imp && f.metric == metric).map(|f| f.value);
+    let get = |imp: &str, metric: &str| summarize(figs, imp, metric).map(|s| s.median);
 
     println!();
     println!("placement: {placement}");
@@ -1490,21 +1550,53 @@ fn print_report(figs: &[Fig], notes: &[String], placement: &str) {
         }
         println!("{line}");
     }
-    println!("(lo: lower is better, hi: higher is better; ratios are clusterphone / baseline)");
+    println!("(lo: lower is better, hi: higher is better; values are medians over rounds; ratios are clusterphone / baseline)");
+    let rounds = impls
+        .iter()
+        .flat_map(|i| METRICS.iter().filter_map(|m| summarize(figs, i, m.0)))
+        .map(|s| s.rounds)
+        .max()
+        .unwrap_or(0);
+    if rounds > 1 {
+        println!();
+        println!("range over {rounds} interleaved rounds (min..max)");
+        for &(metric, _, _) in METRICS {
+            let mut line = format!("{metric:<26}        ");
+            let mut any = false;
+            for i in &impls {
+                let cell = match summarize(figs, i, metric) {
+                    Some(s) if s.rounds > 1 => {
+                        any = true;
+                        format!("{}..{}", fmt_value(s.min), fmt_value(s.max))
+                    }
+                    Some(s) => fmt_value(s.median),
+                    None => "-".to_owned(),
+                };
+                line += &format!(" {cell:>17}");
+            }
+            if any {
+                println!("{line}");
+            }
+        }
+    }
     for n in notes {
         println!("note: {n}");
     }
     println!();
-    for f in figs {
-        println!(
-            "{{\"impl\": \"{}\", \"metric\": \"{}\", \"value\": {}, \"unit\": \"{}\", \"n\": {}, \"placement\": \"{}\"}}",
-            f.imp,
-            f.metric,
-            if f.value.is_finite() { format!("{:.3}", f.value) } else { "null".to_owned() },
-            f.unit,
-            f.n,
-            placement
-        );
+    let fmt_json = |v: f64| if v.is_finite() { format!("{v:.3}") } else { "null".to_owned() };
+    for i in &impls {
+        for &(metric, _, _) in METRICS {
+            let Some(s) = summarize(figs, i, metric) else { continue };
+            println!(
+                "{{\"impl\": \"{i}\", \"metric\": \"{metric}\", \"value\": {}, \"unit\": \"{}\", \"n\": {}, \"placement\": \"{placement}\", \"rounds\": {}, \"min\": {}, \"max\": {}}}",
+                fmt_json(s.median),
+                unit_of(metric),
+                s.n,
+                s.rounds,
+                fmt_json(s.min),
+                fmt_json(s.max),
+            );
+        }
     }
 }
 
@@ -1526,7 +1618,7 @@ fn master_main() -> Res<()> {
     if opts.busy {
         config.busy_poll = Some(BUSY_WINDOW);
     }
-    config.writable_wakeups = !lean();
+    config.writable_wakeups = wakeups_from_env();
     let mut r = Reactor::master_with(config)?;
     let busy = opts.busy;
     let w = r.spawn(worker_command(&opts, busy)?)?;
@@ -1545,10 +1637,13 @@ fn master_main() -> Res<()> {
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
     );
 
+    let rounds = b.opts.rounds;
     if busy {
-        for imp in [Impl::CpBusy, Impl::RawBusy] {
-            eprintln!("  rtt {}", imp.name());
-            b.rtt(imp)?;
+        for round in 0..rounds {
+            for imp in rotated(&[Impl::CpBusy, Impl::RawBusy], round) {
+                eprintln!("  rtt {} (round {})", imp.name(), round + 1);
+                b.rtt(imp)?;
+            }
         }
     } else {
         // raw-mio-lazyw is an experiment: run only when named in --impl.
@@ -1569,32 +1664,37 @@ fn master_main() -> Res<()> {
             if !b.opts.phase(name) {
                 continue;
             }
-            for &imp in &impls {
-                eprintln!("  {name} {}", imp.name());
-                let before = b.r.stats();
-                phase(&mut b, imp)?;
-                if show_stats() && imp == Impl::Cp {
-                    let s = b.r.stats();
-                    eprintln!(
-                        "    master: {} frames written in {} calls, {} frames read",
-                        s.frames_written - before.frames_written,
-                        s.write_calls - before.write_calls,
-                        s.frames_read - before.frames_read
-                    );
+            // Interleaved rounds, each starting with another implementation:
+            // whoever runs first in a phase measurably pays for it here (the
+            // vCPUs' idle state), and the machine drifts between phases.
+            for round in 0..rounds {
+                for imp in rotated(&impls, round) {
+                    eprintln!("  {name} {} (round {})", imp.name(), round + 1);
+                    let before = b.r.stats();
+                    phase(&mut b, imp)?;
+                    if show_stats() && imp == Impl::Cp {
+                        let s = b.r.stats();
+                        eprintln!(
+                            "    master: {} frames written in {} calls, {} frames read",
+                            s.frames_written - before.frames_written,
+                            s.write_calls - before.write_calls,
+                            s.frames_read - before.frames_read
+                        );
+                    }
                 }
             }
         }
         if b.opts.phase("ack") {
-            for &imp in &impls {
-                if imp == Impl::RawBlocking {
-                    // With thousands outstanding both blocking sides would fill
-                    // their sockets and wait for each other forever.
-                    continue;
+            // With thousands outstanding both blocking sides would fill their
+            // sockets and wait for each other forever.
+            let ack_impls: Vec<Impl> = impls.iter().copied().filter(|&i| i != Impl::RawBlocking).collect();
+            for round in 0..rounds {
+                for imp in rotated(&ack_impls, round) {
+                    eprintln!("  ack {} (round {})", imp.name(), round + 1);
+                    let (small, total, big) = (b.s.ack_small, b.s.ack_small_total, b.s.ack_big);
+                    b.ack_cpu(imp, small, total, "ack_cpu_ns_1k")?;
+                    b.ack_cpu(imp, big, big, "ack_cpu_ns_100k")?;
                 }
-                eprintln!("  ack {}", imp.name());
-                let (small, total, big) = (b.s.ack_small, b.s.ack_small_total, b.s.ack_big);
-                b.ack_cpu(imp, small, total, "ack_cpu_ns_1k")?;
-                b.ack_cpu(imp, big, big, "ack_cpu_ns_100k")?;
             }
             b.notes.push("ack_cpu: raw-blocking has no figure (blocking both ways deadlocks with 1k+ outstanding); raw-mio keeps a HashSet of outstanding ids".into());
         }

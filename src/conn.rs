@@ -74,8 +74,10 @@ pub(crate) struct Conn {
     queued_fds: usize,
     /// A write hit EAGAIN; wait for the writable edge.
     pub(crate) blocked: bool,
-    /// WRITABLE is part of the socket's registration (only while blocked).
+    /// WRITABLE is part of the socket's registration.
     pub(crate) write_interest: bool,
+    /// `Config::writable_wakeups` asked for WRITABLE after the last write.
+    pub(crate) wakeups_wanted: bool,
     pool: Vec<Vec<u8>>,
     fd_scratch: VecDeque<OwnedFd>,
     /// Raw fds gathered for one `sendmsg` (kept to avoid reallocating).
@@ -98,6 +100,7 @@ impl Conn {
             queued_fds: 0,
             blocked: false,
             write_interest: false,
+            wakeups_wanted: false,
             pool: Vec::new(),
             fd_scratch: VecDeque::new(),
             fd_list: Vec::new(),

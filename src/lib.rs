@@ -53,7 +53,7 @@ use serde::Serialize;
 
 pub use ack::{AckHandle, Outgoing, Responder};
 pub use bytes::Bytes;
-pub use config::{Config, Stats};
+pub use config::{Config, Stats, WritableWakeups};
 pub use error::{AckError, Error, ProtocolError, SendError};
 pub use handlers::{DEFAULT_NAMESPACE, RESERVED_PREFIX};
 pub use reactor::{DisconnectReason, Reactor, Unhandled, WorkerEvent};

@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::rc::Rc;
 use std::time::Duration;
 
-use clusterphone::{AckError, Config, Error, Message, Peer, Reactor, WorkerEvent, WorkerId};
+use clusterphone::{AckError, Config, Error, Message, Peer, Reactor, WorkerEvent, WorkerId, WritableWakeups};
 
 const SECS: Duration = Duration::from_secs(10);
 /// Frames the burst-exit worker sends just before it exits.
@@ -106,6 +106,7 @@ fn general_worker() {
         msg.reply.ok(&(st.unhandled, st.acks_sent, st.messages_received)).unwrap();
     })
     .unwrap();
+    r.on("bytes-len", |_r, msg: Message<clusterphone::Bytes>| msg.reply.ok(&msg.payload.0.len()).unwrap()).unwrap();
     r.on("writes", |r, msg: Message<()>| {
         let st = r.stats();
         msg.reply.ok(&(st.frames_written, st.write_calls)).unwrap();
@@ -604,7 +605,7 @@ fn exits_are_found_without_a_pidfd_too() {
 fn without_writable_wakeups_a_full_socket_still_drains() {
     let _d = util::deadline(SECS * 3);
     let mut config = Config::default();
-    config.writable_wakeups = false; // writable interest only while blocked
+    config.writable_wakeups = WritableWakeups::Never; // writable interest only while blocked
     let mut r = Reactor::master_with(config).unwrap();
     let w = spawn_ready(&mut r, "general");
     let chunk = clusterphone::Bytes(vec![5u8; 64 * 1024]);
@@ -620,6 +621,39 @@ fn without_writable_wakeups_a_full_socket_still_drains() {
     let (count, bytes): (u64, u64) = r.request(w, "sunk", &(), SECS).unwrap();
     assert_eq!((count, bytes), (200, 200 * 64 * 1024));
     r.shutdown(SECS).unwrap();
+}
+
+#[test]
+fn writable_wakeups_follow_the_policy() {
+    let _d = util::deadline(SECS * 6);
+    let big = clusterphone::Bytes(vec![7u8; 64 * 1024]);
+    // (policy, idle writable wake-ups expected after small requests, after large ones)
+    let policies = [
+        (WritableWakeups::Never, false, false),
+        (Config::default().writable_wakeups, false, true),
+        (WritableWakeups::Always, true, true),
+    ];
+    for (policy, after_small, after_large) in policies {
+        let mut config = Config::default();
+        config.writable_wakeups = policy;
+        let mut r = Reactor::master_with(config).unwrap();
+        let w = spawn_ready(&mut r, "general");
+        let before = r.stats().idle_writable_events;
+        for _ in 0..20 {
+            let _: String = r.request(w, "dual", &(), SECS).unwrap();
+        }
+        let small = r.stats().idle_writable_events - before;
+        // The worker takes each 64 KiB frame off the socket before it answers,
+        // so the writable edge comes no later than the reply.
+        let before = r.stats().idle_writable_events;
+        for _ in 0..20 {
+            let n: usize = r.request(w, "bytes-len", &big, SECS).unwrap();
+            assert_eq!(n, big.0.len());
+        }
+        let large = r.stats().idle_writable_events - before;
+        assert_eq!((small > 0, large > 0), (after_small, after_large), "{policy:?}: {small} and {large} idle wake-ups");
+        r.shutdown(SECS).unwrap();
+    }
 }
 
 #[test]

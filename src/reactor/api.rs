@@ -356,8 +356,17 @@ impl Reactor {
         let bytes_before = conn.bytes_written;
         let r = conn.flush();
         // Writable edges are needed while the socket is full; otherwise only
-        // if the user wants the wake-ups (see Config::writable_wakeups).
-        let want = self.config.writable_wakeups || matches!(r, Ok(Flushed::Blocked));
+        // if the user wants the wake-ups (see `WritableWakeups`).
+        let wrote = conn.bytes_written - bytes_before;
+        let wanted = match self.config.writable_wakeups {
+            WritableWakeups::Never => false,
+            WritableWakeups::Always => true,
+            // A flush that wrote nothing changes nothing.
+            WritableWakeups::AfterWritesOf(_) if wrote == 0 => conn.wakeups_wanted,
+            WritableWakeups::AfterWritesOf(min) => wrote >= min as u64,
+        };
+        conn.wakeups_wanted = wanted;
+        let want = wanted || matches!(r, Ok(Flushed::Blocked));
         if want != conn.write_interest {
             let interest = if want { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
             match self.poll.registry().reregister(&mut conn.stream, Self::socket_token(key), interest) {

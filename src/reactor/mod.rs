@@ -24,7 +24,7 @@ use crate::conn::{Conn, Flushed, Read};
 use crate::error::{AckError, Error, ProtocolError, SendError};
 use crate::handlers::{check_command, check_namespace, Handlers, Incoming, Lookup, DEFAULT_NAMESPACE};
 use crate::timer::{after, TimerKey, Wheel};
-use crate::{Config, Message, Ns, Peer, Stats, WorkerId};
+use crate::{Config, Message, Ns, Peer, Stats, WorkerId, WritableWakeups};
 
 mod api;
 mod dispatch;
@@ -262,9 +262,9 @@ impl Reactor {
         let key = self.links.vacant_key();
         if let Some(conn) = link.conn.as_mut() {
             let token = Self::socket_token(key);
-            let interest =
-                if self.config.writable_wakeups { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
-            conn.write_interest = self.config.writable_wakeups;
+            let always = self.config.writable_wakeups == WritableWakeups::Always;
+            let interest = if always { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            conn.write_interest = always;
             if let Err(e) = self.poll.registry().register(&mut conn.stream, token, interest) {
                 reap_now(&mut link);
                 return Err(e.into());
@@ -433,6 +433,9 @@ impl Reactor {
             if writable {
                 if let Some(conn) = self.links.get_mut(key).and_then(|l| l.conn.as_mut()) {
                     conn.blocked = false;
+                    if conn.queued_frames() == 0 {
+                        self.stats.idle_writable_events += 1;
+                    }
                 }
                 self.flush_link(key);
             }
