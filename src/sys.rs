@@ -1,5 +1,5 @@
 //! The crate's only `unsafe` code: thin wrappers over the Linux system calls
-//! that std and mio do not offer (SCM_RIGHTS, pidfd, socket checks).
+//! that std and mio do not offer (SCM_RIGHTS, pidfd, timerfd, socket checks).
 //!
 //! Every function here returns owned, safe types; every `unsafe` block says
 //! why it is sound.
@@ -10,6 +10,7 @@ use std::mem;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
+use std::time::Duration;
 
 /// The kernel's SCM_MAX_FD: the most descriptors one `sendmsg` may carry.
 pub(crate) const MAX_FDS_PER_CALL: usize = 253;
@@ -216,4 +217,36 @@ pub(crate) fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut VecDeque<Owne
         }
     }
     Ok(Received { bytes: n, truncated: msg.msg_flags & libc::MSG_CTRUNC != 0 })
+}
+
+/// A non-blocking, close-on-exec CLOCK_MONOTONIC timerfd, disarmed.
+pub(crate) fn timer_fd() -> io::Result<OwnedFd> {
+    // SAFETY: timerfd_create takes no pointers; constant flags.
+    let fd = cvt(unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) })?;
+    // SAFETY: timerfd_create succeeded, so `fd` is open and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Arms a timerfd to expire once, `delay` from now (at least 1 ns: zero would disarm it).
+pub(crate) fn arm_timer(fd: BorrowedFd<'_>, delay: Duration) -> io::Result<()> {
+    let delay = delay.max(Duration::from_nanos(1));
+    let spec = libc::itimerspec {
+        it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+        it_value: libc::timespec {
+            tv_sec: libc::time_t::try_from(delay.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: libc::c_long::from(delay.subsec_nanos() as i32),
+        },
+    };
+    // SAFETY: `fd` is a live timerfd (borrowed for the call), `spec` is a valid
+    // itimerspec, and a null old-value pointer is allowed.
+    cvt(unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) })?;
+    Ok(())
+}
+
+/// Consumes a timerfd's expirations, so that the next one raises a new edge.
+pub(crate) fn clear_timer(fd: BorrowedFd<'_>) {
+    let mut count = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into an 8-byte local buffer from a live fd.
+    // EAGAIN (nothing expired) is fine to ignore.
+    let _ = unsafe { libc::read(fd.as_raw_fd(), count.as_mut_ptr().cast(), count.len()) };
 }

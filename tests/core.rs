@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Stdio;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clusterphone::{AckError, Config, Error, Message, Peer, Reactor, WorkerEvent, WorkerId, WritableWakeups};
 
@@ -298,6 +298,39 @@ fn zero_timeout_poll_never_blocks() {
         r.poll(Some(Duration::ZERO)).unwrap();
     }
     assert!(r.is_ready(w));
+    r.shutdown(SECS).unwrap();
+}
+
+#[test]
+fn poll_timeouts_hold_whatever_waits_came_before() {
+    let _d = util::deadline(SECS * 6);
+    let mut r = Reactor::master().unwrap();
+    let pongs = Rc::new(RefCell::new(0));
+    let p = pongs.clone();
+    r.on("pong", move |_r, _m: Message<u64>| *p.borrow_mut() += 1).unwrap();
+    let w = spawn_ready(&mut r, "general");
+    // Each poll below returns early, on the pong, leaving its own (long or
+    // short) wait set in the reactor.
+    let mut until_pong = |r: &mut Reactor, timeout: Duration| {
+        let n = *pongs.borrow();
+        r.send_to(w, "ping", &1u64, None).send().unwrap();
+        while *pongs.borrow() == n {
+            r.poll(Some(timeout)).unwrap();
+        }
+    };
+    // A short wait after a long one ends on time, not when the long one would have.
+    r.poll(Some(Duration::from_millis(50))).unwrap(); // outlives the waits of spawn_ready
+    until_pong(&mut r, Duration::from_secs(20));
+    let start = Instant::now();
+    r.poll(Some(Duration::from_millis(30))).unwrap();
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(30) && took < Duration::from_secs(10), "{took:?}");
+    // A long wait after a short one does not end when the short one would have
+    // (a lower bound only: load can make a poll longer, never shorter).
+    until_pong(&mut r, Duration::from_millis(40));
+    let start = Instant::now();
+    r.poll(Some(Duration::from_millis(300))).unwrap();
+    assert!(start.elapsed() >= Duration::from_millis(300), "{:?}", start.elapsed());
     r.shutdown(SECS).unwrap();
 }
 
