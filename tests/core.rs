@@ -311,7 +311,7 @@ fn poll_timeouts_hold_whatever_waits_came_before() {
     let w = spawn_ready(&mut r, "general");
     // Each poll below returns early, on the pong, leaving its own (long or
     // short) wait set in the reactor.
-    let mut until_pong = |r: &mut Reactor, timeout: Duration| {
+    let until_pong = |r: &mut Reactor, timeout: Duration| {
         let n = *pongs.borrow();
         r.send_to(w, "ping", &1u64, None).send().unwrap();
         while *pongs.borrow() == n {
