@@ -419,6 +419,13 @@ impl Reactor {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => self.events.clear(),
                     Err(e) => return Err(e.into()),
                 }
+                if self.only_timer_event() {
+                    // An earlier wait's timer: spin on unless something is due.
+                    self.timer_expired();
+                    if self.wait_time(deadline) != Some(Duration::ZERO) {
+                        self.events.clear();
+                    }
+                }
                 if !self.events.is_empty() || Instant::now() >= spin_until {
                     break;
                 }
@@ -492,8 +499,7 @@ impl Reactor {
                 other => other,
             };
             self.poll_io_retrying(epoll_wait, deadline)?;
-            let only_timer = !self.events.is_empty() && self.events.iter().all(|e| e.token() == TIMER_TOKEN);
-            if !only_timer {
+            if !self.only_timer_event() {
                 return Ok(());
             }
             // Our timer alone: return if this wait is over, else it was set
@@ -521,6 +527,11 @@ impl Reactor {
             }
             Err(_) => false,
         }
+    }
+
+    /// The last poll brought our timerfd's expiry and nothing else.
+    fn only_timer_event(&self) -> bool {
+        !self.events.is_empty() && self.events.iter().all(|e| e.token() == TIMER_TOKEN)
     }
 
     fn timer_expired(&mut self) {
