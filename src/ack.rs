@@ -7,11 +7,10 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 
 use crate::codec::{self, fail, Envelope, Kind};
 use crate::error::{AckError, Error, SendError};
-use crate::{Reactor, WorkerId};
+use crate::{Payload, Reactor, WorkerId};
 
 /// An ack's outcome as it arrives: the reply's CBOR bytes, still in the
 /// receive buffer, or the failure. Completions decode straight from it.
@@ -102,17 +101,17 @@ pub(crate) struct SendOptions {
 /// # Ok(()) }
 /// ```
 #[must_use = "a message is sent only by .send(), .ackd(), .handle() or .wait()"]
-pub struct Outgoing<'a, T: ?Sized> {
+pub struct Outgoing<'a, P> {
     pub(crate) reactor: &'a mut Reactor,
     pub(crate) target: Target,
     pub(crate) ns: &'a str,
     pub(crate) cmd: &'a str,
-    pub(crate) payload: &'a T,
+    pub(crate) payload: P,
     pub(crate) fd: Option<OwnedFd>,
     pub(crate) options: SendOptions,
 }
 
-impl<T: Serialize + ?Sized> Outgoing<'_, T> {
+impl<P: Payload> Outgoing<'_, P> {
     /// Sets this message's ack timeout (default: the reactor's, 10 s).
     pub fn within(mut self, timeout: Duration) -> Self {
         self.options.timeout = Some(timeout);
@@ -169,7 +168,8 @@ impl<T: Serialize + ?Sized> Outgoing<'_, T> {
 /// Replies queued by responders, picked up by the reactor after each handler.
 #[derive(Default)]
 pub(crate) struct Outbox {
-    pub(crate) frames: Vec<(WorkerId, Vec<u8>)>,
+    /// (link, frame, the frame's tail: an owned payload, usually empty).
+    pub(crate) frames: Vec<(WorkerId, Vec<u8>, Vec<u8>)>,
     pub(crate) max_frame: usize,
     /// Written frame buffers handed back by the reactor, for the next replies.
     pub(crate) spare: Vec<Vec<u8>>,
@@ -234,22 +234,24 @@ impl Responder {
         self.inner.is_some()
     }
 
-    /// Acknowledges with a reply value. If the value cannot be encoded (or is
-    /// too large), the sender gets an error ack instead and this returns the error.
-    pub fn ok<T: Serialize + ?Sized>(mut self, reply: &T) -> Result<(), Error> {
+    /// Acknowledges with a reply: a value by reference, or an owned
+    /// [`Bytes`](crate::Bytes), sent without copying (see [`Payload`]). If the
+    /// reply cannot be encoded (or is too large), the sender gets an error ack
+    /// instead and this returns the error.
+    pub fn ok<P: Payload>(mut self, reply: P) -> Result<(), Error> {
         let Some(inner) = self.inner.take() else { return Ok(()) };
         let (mut buf, max) = {
             let mut outbox = inner.outbox.borrow_mut();
             (outbox.buffer(), outbox.max_frame)
         };
         let env = Envelope { kind: Kind::Reply, flags: 0, nfds: 0, seq: inner.seq, ns: "", cmd: "" };
-        let result = match codec::encode(&mut buf, env, reply) {
-            Ok(()) if buf.len() > max => Err(Error::FrameTooLarge { size: buf.len(), max }),
+        let result = match reply.encode_frame(&mut buf, env) {
+            Ok(tail) if buf.len() + tail.len() > max => Err(Error::FrameTooLarge { size: buf.len() + tail.len(), max }),
             other => other,
         };
         match result {
-            Ok(()) => {
-                inner.outbox.borrow_mut().frames.push((inner.link, buf));
+            Ok(tail) => {
+                inner.outbox.borrow_mut().frames.push((inner.link, buf, tail));
                 Ok(())
             }
             Err(e) => {
@@ -280,7 +282,7 @@ impl ResponderInner {
         // Bound the text so the frame always fits.
         let text = if text.len() > 4096 { &text[..text.floor_char_boundary_compat(4096)] } else { text };
         if codec::encode(&mut buf, env, &(code, text)).is_ok() {
-            self.outbox.borrow_mut().frames.push((self.link, buf));
+            self.outbox.borrow_mut().frames.push((self.link, buf, Vec::new()));
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! serde treats `Vec<u8>` as a sequence, which CBOR encodes one integer at a
 //! time (hundreds of times slower for large buffers). [`Bytes`] encodes as a
-//! single byte string and is copied once on each side.
+//! single byte string and is copied once on each side, or only on the
+//! receiving side when it is sent by value (see [`Payload`](crate::Payload)).
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};

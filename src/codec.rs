@@ -158,6 +158,45 @@ pub fn encode<T: Serialize + ?Sized>(out: &mut Vec<u8>, env: Envelope<'_>, paylo
     r
 }
 
+/// Appends the head of a frame whose payload is a CBOR byte string of `len`
+/// bytes, up to and including the byte string's header: the caller sends the
+/// `len` bytes right after it (the frame's length counts them). On error,
+/// `out` is left as it was.
+pub fn encode_bytes_prefix(out: &mut Vec<u8>, env: Envelope<'_>, len: usize) -> Result<(), Error> {
+    let start = out.len();
+    encode_inner(out, env, |buf| {
+        cbor_bytes_header(buf, len);
+        Ok(())
+    })?;
+    let total = (out.len() - start - LEN_FIELD).checked_add(len).and_then(|t| u32::try_from(t).ok());
+    let Some(total) = total else {
+        out.truncate(start);
+        return Err(Error::FrameTooLarge { size: len, max: u32::MAX as usize });
+    };
+    out[start..start + LEN_FIELD].copy_from_slice(&total.to_le_bytes());
+    Ok(())
+}
+
+/// The CBOR header of a definite-length byte string (major type 2).
+fn cbor_bytes_header(out: &mut Vec<u8>, len: usize) {
+    const MAJOR: u8 = 2 << 5;
+    let len = len as u64;
+    if len < 24 {
+        out.push(MAJOR | len as u8);
+    } else if let Ok(l) = u8::try_from(len) {
+        out.extend_from_slice(&[MAJOR | 24, l]);
+    } else if let Ok(l) = u16::try_from(len) {
+        out.push(MAJOR | 25);
+        out.extend_from_slice(&l.to_be_bytes());
+    } else if let Ok(l) = u32::try_from(len) {
+        out.push(MAJOR | 26);
+        out.extend_from_slice(&l.to_be_bytes());
+    } else {
+        out.push(MAJOR | 27);
+        out.extend_from_slice(&len.to_be_bytes());
+    }
+}
+
 /// Appends a frame whose payload is already CBOR.
 pub fn encode_raw(out: &mut Vec<u8>, env: Envelope<'_>, payload: &[u8]) -> Result<(), Error> {
     encode_inner(out, env, |buf| {
@@ -461,6 +500,20 @@ mod tests {
         ciborium::into_writer(&(1u32, "x"), &mut cbor).unwrap();
         assert_eq!(whole_byte_string(&cbor), None);
         assert_eq!(decode_cbor::<(u32, String)>(&cbor).unwrap(), (1, "x".to_string()));
+    }
+
+    #[test]
+    fn a_byte_string_prefix_and_its_bytes_make_the_frame_encode_makes() {
+        for len in [0usize, 5, 23, 24, 255, 256, 65535, 65536, 70000] {
+            let data = crate::Bytes((0..len).map(|i| i as u8).collect());
+            let env = Envelope { kind: Kind::Reply, flags: 0, nfds: 0, seq: 9, ns: "n", cmd: "c" };
+            let mut whole = Vec::new();
+            encode(&mut whole, env, &data).unwrap();
+            let mut split = Vec::new();
+            encode_bytes_prefix(&mut split, env, len).unwrap();
+            split.extend_from_slice(&data.0);
+            assert_eq!(whole, split, "len {len}");
+        }
     }
 
     #[test]

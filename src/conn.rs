@@ -24,8 +24,11 @@ const POOL_BUF_MAX: usize = 128 * 1024;
 
 #[derive(Debug)]
 struct OutFrame {
-    /// The encoded frame; empty once cancelled.
+    /// The encoded frame (or its head); empty once cancelled.
     buf: Vec<u8>,
+    /// The rest of the frame, written after `buf`: an owned payload queued
+    /// without copying it (usually empty).
+    tail: Vec<u8>,
     /// The fd to attach; `None` once handed to the kernel (or none at all).
     fd: Option<OwnedFd>,
     /// The fd went out with an earlier `sendmsg`, ahead of this frame's bytes:
@@ -59,6 +62,22 @@ pub(crate) enum Read {
     Eof,
     /// The kernel dropped fds (MSG_CTRUNC), or too many fds are waiting.
     FdsLost,
+}
+
+impl OutFrame {
+    fn len(&self) -> usize {
+        self.buf.len() + self.tail.len()
+    }
+
+    /// The parts of the frame from byte `skip` on (empty parts left out).
+    fn unwritten(&self, skip: usize) -> impl Iterator<Item = &[u8]> {
+        let (head, tail) = if skip < self.buf.len() {
+            (&self.buf[skip..], &self.tail[..])
+        } else {
+            (&[][..], &self.tail[skip - self.buf.len()..])
+        };
+        [head, tail].into_iter().filter(|p| !p.is_empty())
+    }
 }
 
 #[derive(Debug)]
@@ -141,11 +160,11 @@ impl Conn {
         self.queue.len()
     }
 
-    /// Appends a frame; returns its queue sequence (for `cancel`).
-    pub(crate) fn push(&mut self, buf: Vec<u8>, fd: Option<OwnedFd>) -> u64 {
-        self.queued_bytes += buf.len();
+    /// Appends a frame (`buf`, then `tail`); returns its queue sequence (for `cancel`).
+    pub(crate) fn push(&mut self, buf: Vec<u8>, tail: Vec<u8>, fd: Option<OwnedFd>) -> u64 {
+        self.queued_bytes += buf.len() + tail.len();
         self.queued_fds += usize::from(fd.is_some());
-        self.queue.push_back(OutFrame { buf, fd, fd_sent: false });
+        self.queue.push_back(OutFrame { buf, tail, fd, fd_sent: false });
         self.front_qseq + self.queue.len() as u64 - 1
     }
 
@@ -155,7 +174,7 @@ impl Conn {
         debug_assert_eq!(self.front_written, 0);
         self.queued_bytes += buf.len();
         self.front_qseq -= 1;
-        self.queue.push_front(OutFrame { buf, fd: None, fd_sent: false });
+        self.queue.push_front(OutFrame { buf, tail: Vec::new(), fd: None, fd_sent: false });
     }
 
     /// Removes a queued frame that has not started to be written, closing its
@@ -170,7 +189,8 @@ impl Conn {
         if f.buf.is_empty() || f.fd_sent {
             return false;
         }
-        self.queued_bytes -= f.buf.len();
+        self.queued_bytes -= f.len();
+        drop(std::mem::take(&mut f.tail));
         let buf = std::mem::take(&mut f.buf);
         if let Some(fd) = f.fd.take() {
             self.queued_fds -= 1;
@@ -198,7 +218,7 @@ impl Conn {
             fds.clear();
             let one;
             let mut many;
-            let (iov, niov): (&[IoSlice<'_>], usize) = if self.queue.len() == 1 {
+            let (iov, nframes): (&[IoSlice<'_>], usize) = if self.queue.len() == 1 && self.queue[0].tail.is_empty() {
                 // The common case (request/reply): no gather array to set up.
                 let f = &self.queue[0];
                 fds.extend(f.fd.as_ref().map(|fd| fd.as_raw_fd()));
@@ -206,9 +226,11 @@ impl Conn {
                 (&one, 1)
             } else {
                 many = [IoSlice::new(&[]); MAX_IOV];
-                let (mut niov, mut gathered) = (0, 0);
+                let (mut niov, mut nframes, mut gathered) = (0, 0, 0);
                 for (i, f) in self.queue.iter().enumerate() {
-                    if niov == MAX_IOV || (niov > 0 && gathered >= MAX_GATHER) {
+                    // A frame takes one slice, or two with a tail.
+                    let need = 1 + usize::from(!f.tail.is_empty());
+                    if niov + need > MAX_IOV || (niov > 0 && gathered >= MAX_GATHER) {
                         break;
                     }
                     if let Some(fd) = &f.fd {
@@ -217,12 +239,15 @@ impl Conn {
                         }
                         fds.push(fd.as_raw_fd());
                     }
-                    let bytes = if i == 0 { &f.buf[self.front_written..] } else { &f.buf[..] };
-                    many[niov] = IoSlice::new(bytes);
-                    niov += 1;
-                    gathered += bytes.len();
+                    let skip = if i == 0 { self.front_written } else { 0 };
+                    for part in f.unwritten(skip) {
+                        many[niov] = IoSlice::new(part);
+                        niov += 1;
+                        gathered += part.len();
+                    }
+                    nframes += 1;
                 }
-                (&many[..niov], niov)
+                (&many[..niov], nframes)
             };
             let nfds = fds.len();
             let sent = sys::send_with_fds(sock, iov, &fds);
@@ -232,7 +257,7 @@ impl Conn {
                     self.write_calls += 1;
                     if nfds > 0 && n > 0 {
                         // The kernel took every fd of this call: close ours.
-                        for f in self.queue.iter_mut().take(niov) {
+                        for f in self.queue.iter_mut().take(nframes) {
                             if f.fd.take().is_some() {
                                 f.fd_sent = true;
                                 self.queued_fds -= 1;
@@ -257,13 +282,13 @@ impl Conn {
         self.queued_bytes -= n;
         while n > 0 {
             let Some(front) = self.queue.front() else { break };
-            let left = front.buf.len() - self.front_written;
+            let left = front.len() - self.front_written;
             if n < left {
                 self.front_written += n;
                 return;
             }
             n -= left;
-            self.front_written = front.buf.len();
+            self.front_written = front.len();
             self.pop_finished();
         }
     }
@@ -271,7 +296,7 @@ impl Conn {
     /// Pops written and cancelled frames off the front.
     fn pop_finished(&mut self) {
         while let Some(front) = self.queue.front() {
-            if self.front_written < front.buf.len() {
+            if self.front_written < front.len() {
                 return;
             }
             let Some(f) = self.queue.pop_front() else { return };

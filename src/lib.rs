@@ -39,6 +39,7 @@ mod config;
 mod conn;
 mod error;
 mod handlers;
+mod payload;
 mod reactor;
 mod spawn;
 mod sys;
@@ -49,13 +50,13 @@ use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 
 pub use ack::{AckHandle, Outgoing, Responder};
 pub use bytes::Bytes;
 pub use config::{Config, Stats, WritableWakeups};
 pub use error::{AckError, Error, ProtocolError, SendError};
 pub use handlers::{DEFAULT_NAMESPACE, RESERVED_PREFIX};
+pub use payload::Payload;
 pub use reactor::{DisconnectReason, Reactor, Unhandled, WorkerEvent};
 pub use spawn::{is_worker, ENV_FD, ENV_ID};
 
@@ -172,42 +173,42 @@ impl Ns<'_> {
     }
 
     /// Starts a message to `worker` in this namespace (see [`Reactor::send_to`]).
-    pub fn send_to<'a, T: Serialize + ?Sized>(
+    pub fn send_to<'a, P: Payload + 'a>(
         &'a mut self,
         worker: WorkerId,
         cmd: &'a str,
-        payload: &'a T,
+        payload: P,
         fd: Option<OwnedFd>,
-    ) -> Outgoing<'a, T> {
+    ) -> Outgoing<'a, P> {
         self.reactor.outgoing(Target::Worker(worker), &self.name, cmd, payload, fd)
     }
 
     /// Starts a message to the master in this namespace.
-    pub fn send_to_master<'a, T: Serialize + ?Sized>(
+    pub fn send_to_master<'a, P: Payload + 'a>(
         &'a mut self,
         cmd: &'a str,
-        payload: &'a T,
+        payload: P,
         fd: Option<OwnedFd>,
-    ) -> Outgoing<'a, T> {
+    ) -> Outgoing<'a, P> {
         self.reactor.outgoing(Target::Master, &self.name, cmd, payload, fd)
     }
 
     /// Blocking request to `worker` in this namespace.
-    pub fn request<R: DeserializeOwned + 'static, T: Serialize + ?Sized>(
+    pub fn request<R: DeserializeOwned + 'static, P: Payload>(
         &mut self,
         worker: WorkerId,
         cmd: &str,
-        payload: &T,
+        payload: P,
         timeout: Duration,
     ) -> Result<R, Error> {
         self.send_to(worker, cmd, payload, None).within(timeout).wait()
     }
 
     /// Blocking request to the master in this namespace.
-    pub fn request_master<R: DeserializeOwned + 'static, T: Serialize + ?Sized>(
+    pub fn request_master<R: DeserializeOwned + 'static, P: Payload>(
         &mut self,
         cmd: &str,
-        payload: &T,
+        payload: P,
         timeout: Duration,
     ) -> Result<R, Error> {
         self.send_to_master(cmd, payload, None).within(timeout).wait()

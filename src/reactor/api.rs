@@ -133,13 +133,13 @@ impl Reactor {
     /// }
     /// # Ok::<(), clusterphone::Error>(())
     /// ```
-    pub fn send_to<'a, T: Serialize + ?Sized>(
+    pub fn send_to<'a, P: Payload + 'a>(
         &'a mut self,
         worker: WorkerId,
         cmd: &'a str,
-        payload: &'a T,
+        payload: P,
         fd: Option<OwnedFd>,
-    ) -> Outgoing<'a, T> {
+    ) -> Outgoing<'a, P> {
         self.outgoing(Target::Worker(worker), DEFAULT_NAMESPACE, cmd, payload, fd)
     }
 
@@ -150,23 +150,23 @@ impl Reactor {
     /// reactor.send_to_master("status", &("up", 42u32), None).send()?;
     /// # Ok::<(), clusterphone::Error>(())
     /// ```
-    pub fn send_to_master<'a, T: Serialize + ?Sized>(
+    pub fn send_to_master<'a, P: Payload + 'a>(
         &'a mut self,
         cmd: &'a str,
-        payload: &'a T,
+        payload: P,
         fd: Option<OwnedFd>,
-    ) -> Outgoing<'a, T> {
+    ) -> Outgoing<'a, P> {
         self.outgoing(Target::Master, DEFAULT_NAMESPACE, cmd, payload, fd)
     }
 
-    pub(crate) fn outgoing<'a, T: Serialize + ?Sized>(
+    pub(crate) fn outgoing<'a, P: Payload + 'a>(
         &'a mut self,
         target: Target,
         ns: &'a str,
         cmd: &'a str,
-        payload: &'a T,
+        payload: P,
         fd: Option<OwnedFd>,
-    ) -> Outgoing<'a, T> {
+    ) -> Outgoing<'a, P> {
         let options = SendOptions { timeout: None, force_queue: false };
         Outgoing { reactor: self, target, ns, cmd, payload, fd, options }
     }
@@ -181,21 +181,21 @@ impl Reactor {
     /// let sum: u64 = reactor.request(worker, "sum", &[1u64, 2, 3], Duration::from_secs(2))?;
     /// # Ok::<(), clusterphone::Error>(())
     /// ```
-    pub fn request<R: DeserializeOwned + 'static, T: Serialize + ?Sized>(
+    pub fn request<R: DeserializeOwned + 'static, P: Payload>(
         &mut self,
         worker: WorkerId,
         cmd: &str,
-        payload: &T,
+        payload: P,
         timeout: Duration,
     ) -> Result<R, Error> {
         self.send_to(worker, cmd, payload, None).within(timeout).wait()
     }
 
     /// Sends a request to the master and polls until its reply (blocking).
-    pub fn request_master<R: DeserializeOwned + 'static, T: Serialize + ?Sized>(
+    pub fn request_master<R: DeserializeOwned + 'static, P: Payload>(
         &mut self,
         cmd: &str,
-        payload: &T,
+        payload: P,
         timeout: Duration,
     ) -> Result<R, Error> {
         self.send_to_master(cmd, payload, None).within(timeout).wait()
@@ -257,12 +257,12 @@ impl Reactor {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn submit<T: Serialize + ?Sized>(
+    pub(crate) fn submit<P: Payload>(
         &mut self,
         target: Target,
         ns: &str,
         cmd: &str,
-        payload: &T,
+        payload: P,
         fd: Option<OwnedFd>,
         options: SendOptions,
         done: Option<Completion>,
@@ -298,17 +298,20 @@ impl Reactor {
         let flags = if done.is_some() { codec::FLAG_ACK } else { 0 };
         let env = Envelope { kind: Kind::Message, flags, nfds: u8::from(fd.is_some()), seq, ns, cmd };
         let mut buf = conn.buffer();
-        if let Err(e) = codec::encode(&mut buf, env, payload) {
-            conn.recycle(buf);
-            return Err(SendError::new(e, fd));
-        }
-        if buf.len() > max_frame || buf.len() > max_bytes {
-            let size = buf.len();
+        let tail = match payload.encode_frame(&mut buf, env) {
+            Ok(tail) => tail,
+            Err(e) => {
+                conn.recycle(buf);
+                return Err(SendError::new(e, fd));
+            }
+        };
+        let size = buf.len() + tail.len();
+        if size > max_frame || size > max_bytes {
             conn.recycle(buf);
             return Err(SendError::new(Error::FrameTooLarge { size, max: max_frame.min(max_bytes) }, fd));
         }
         link.next_seq += 1;
-        let qseq = conn.push(buf, fd);
+        let qseq = conn.push(buf, tail, fd);
         if let Some(done) = done {
             let ack = self.acks.vacant_key();
             self.ack_serial += 1;
@@ -404,13 +407,13 @@ impl Reactor {
         // Swap with a kept vector, so neither allocates again.
         let mut frames = std::mem::take(&mut self.outbox_scratch);
         std::mem::swap(&mut frames, &mut self.outbox.borrow_mut().frames);
-        for (id, buf) in frames.drain(..) {
+        for (id, buf, tail) in frames.drain(..) {
             let Some(link) = self.links.get_mut(id.key as usize) else { continue };
             if link.id != id {
                 continue;
             }
             let Some(conn) = link.conn.as_mut() else { continue };
-            conn.push(buf, None);
+            conn.push(buf, tail, None);
             // Hand a written buffer back for the next reply: replies are encoded
             // by responders, outside any connection's pool.
             let spare = conn.spare_buffer();
@@ -449,7 +452,7 @@ impl Reactor {
         let mut buf = conn.buffer();
         let env = Envelope { kind, flags: 0, nfds: 0, seq: 0, ns, cmd: "" };
         if codec::encode(&mut buf, env, body).is_ok() {
-            conn.push(buf, None);
+            conn.push(buf, Vec::new(), None);
             self.after_push(key);
         }
     }

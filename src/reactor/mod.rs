@@ -25,7 +25,7 @@ use crate::error::{AckError, Error, ProtocolError, SendError};
 use crate::handlers::{check_command, check_namespace, Handlers, Incoming, Lookup, DEFAULT_NAMESPACE};
 use crate::sys;
 use crate::timer::{after, TimerKey, Wheel};
-use crate::{Config, Message, Ns, Peer, Stats, WorkerId, WritableWakeups};
+use crate::{Config, Message, Ns, Payload, Peer, Stats, WorkerId, WritableWakeups};
 
 mod api;
 mod dispatch;
@@ -205,7 +205,7 @@ pub struct Reactor {
     fired: Vec<Timer>,
     pub(crate) config: Config,
     outbox: Rc<RefCell<Outbox>>,
-    outbox_scratch: Vec<(WorkerId, Vec<u8>)>,
+    outbox_scratch: Vec<(WorkerId, Vec<u8>, Vec<u8>)>,
     worker_hook: Option<WorkerHook>,
     unhandled_hook: Option<UnhandledHook>,
     stats: Stats,
