@@ -36,7 +36,7 @@ fn master() -> Result<(), Error> {
     // ...and in a namespace of their own, expecting a reply.
     reactor.ns("metrics")?.on("report", |_r, msg: Message<u64>| {
         println!("master: {:?} reports {} handled", msg.from, msg.payload);
-        let _ = msg.reply.ok(&"thanks");
+        let _ = msg.reply.ok("thanks");
     })?;
     reactor.on_worker_event(|_r, id, event| {
         if let WorkerEvent::Exited(status) = event {
