@@ -466,7 +466,8 @@ impl Reactor {
             if writable {
                 if let Some(conn) = self.links.get_mut(key).and_then(|l| l.conn.as_mut()) {
                     conn.blocked = false;
-                    if conn.queued_frames() == 0 {
+                    // (A hang-up also reports the write side closed: not a wake-up we asked for.)
+                    if conn.queued_frames() == 0 && !closed {
                         self.stats.idle_writable_events += 1;
                     }
                 }
