@@ -66,9 +66,9 @@ impl Default for Config {
 /// the two processes run on different CPUs: it arrives while the peer is still
 /// working on its answer and warms this process's idle vCPU, whose wake-up
 /// otherwise costs ~40 µs. Measured here (2-vCPU VM): a 64 KiB echo across
-/// CPUs is ~30% faster with it, while a small round trip on one CPU is ~35%
-/// slower (a context switch per message). The default takes the first and
-/// avoids the second.
+/// CPUs runs nearly twice as fast with it, while a small round trip on one CPU
+/// is ~35% slower (a context switch per message). The default takes the first
+/// and avoids the second.
 ///
 /// ```
 /// use clusterphone::{Config, WritableWakeups};
