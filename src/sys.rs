@@ -227,16 +227,18 @@ pub(crate) fn timer_fd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Arms a timerfd to expire once, `delay` from now (at least 1 ns: zero would disarm it).
-pub(crate) fn arm_timer(fd: BorrowedFd<'_>, delay: Duration) -> io::Result<()> {
-    let delay = delay.max(Duration::from_nanos(1));
-    let spec = libc::itimerspec {
-        it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
-        it_value: libc::timespec {
-            tv_sec: libc::time_t::try_from(delay.as_secs()).unwrap_or(libc::time_t::MAX),
-            tv_nsec: libc::c_long::from(delay.subsec_nanos() as i32),
-        },
-    };
+/// Arms a timerfd to expire once, `delay` from now (at least 1 ns: zero would
+/// disarm it), or disarms it with `None` (dropping an expiry not yet read).
+pub(crate) fn set_timer(fd: BorrowedFd<'_>, delay: Option<Duration>) -> io::Result<()> {
+    // SAFETY: itimerspec is plain integers (plus padding on some targets), so
+    // all-zero is valid; it means "disarmed".
+    let mut spec: libc::itimerspec = unsafe { mem::zeroed() };
+    if let Some(delay) = delay {
+        let delay = delay.max(Duration::from_nanos(1));
+        spec.it_value.tv_sec = libc::time_t::try_from(delay.as_secs()).unwrap_or(libc::time_t::MAX);
+        // Below 10^9: fits whatever width tv_nsec has on this target.
+        spec.it_value.tv_nsec = delay.subsec_nanos() as _;
+    }
     // SAFETY: `fd` is a live timerfd (borrowed for the call), `spec` is a valid
     // itimerspec, and a null old-value pointer is allowed.
     cvt(unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) })?;

@@ -334,6 +334,109 @@ fn poll_timeouts_hold_whatever_waits_came_before() {
     r.shutdown(SECS).unwrap();
 }
 
+fn readable_now(r: &Reactor) -> bool {
+    let mut pfd = libc::pollfd { fd: r.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, zero timeout.
+    unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+}
+
+#[test]
+fn a_nesting_loop_is_not_woken_by_an_earlier_polls_timer() {
+    let _d = util::deadline(SECS * 3);
+    let mut r = Reactor::master().unwrap();
+    let pongs = Rc::new(RefCell::new(0u32));
+    let p = pongs.clone();
+    r.on("pong", move |_r, _m: Message<u64>| *p.borrow_mut() += 1).unwrap();
+    let w = spawn_ready(&mut r, "general");
+    r.poll(Some(Duration::from_millis(50))).unwrap(); // outlives the waits of spawn_ready
+                                                      // One ordinary timed poll that returns early, on the pong.
+    r.send_to(w, "ping", &1u64, None).send().unwrap();
+    while *pongs.borrow() == 0 {
+        r.poll(Some(Duration::from_millis(200))).unwrap();
+    }
+    // From here on the reactor is nested as the README says: wait on its fd
+    // until next_deadline(), then poll(Some(ZERO)).
+    let t0 = Instant::now();
+    let span = Duration::from_millis(500);
+    let mut wakes = Vec::new();
+    while t0.elapsed() < span {
+        assert!(r.next_deadline().is_none(), "nothing is due, ever");
+        let left = span.saturating_sub(t0.elapsed());
+        let mut pfd = libc::pollfd { fd: r.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis() as i32 + 1) };
+        if n > 0 {
+            wakes.push(t0.elapsed());
+        }
+        r.poll(Some(Duration::ZERO)).unwrap();
+        assert!(!readable_now(&r), "the epoll fd stays readable after a zero poll");
+    }
+    assert!(wakes.is_empty(), "outer loop woken with nothing to do at {wakes:?}");
+    r.shutdown(SECS).unwrap();
+}
+
+/// How long a 5 ms ack timeout takes to fire, for a message queued to a
+/// child that never says hello.
+fn ack_timeout_lateness(busy: Option<Duration>) -> Duration {
+    let mut config = Config::default();
+    config.busy_poll = busy;
+    let mut r = Reactor::master_with(config).unwrap();
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("3");
+    let c = r.spawn(cmd).unwrap();
+    r.poll(Some(Duration::from_millis(30))).unwrap();
+    let fired: Rc<RefCell<Option<Duration>>> = Rc::default();
+    let f = fired.clone();
+    let start = Instant::now();
+    r.send_to(c, "x", &(), None)
+        .within(Duration::from_millis(5))
+        .ackd(move |_r, res: Result<(), AckError>| {
+            assert!(matches!(res, Err(AckError::Timeout)), "{res:?}");
+            *f.borrow_mut() = Some(start.elapsed());
+        })
+        .unwrap();
+    while fired.borrow().is_none() {
+        r.poll(Some(Duration::from_secs(2))).unwrap();
+    }
+    let took = fired.borrow().unwrap();
+    r.kill(c).unwrap();
+    util::poll_until(&mut r, SECS, |r| r.workers().is_empty());
+    took
+}
+
+#[test]
+fn busy_polling_does_not_hold_back_timers() {
+    let _d = util::deadline(SECS * 3);
+    let busy = ack_timeout_lateness(Some(Duration::from_millis(300)));
+    // The spin window is 300 ms; the timer is due after 5.
+    assert!(busy < Duration::from_millis(150), "busy-polling held a 5 ms ack timeout for {busy:?}");
+}
+
+#[test]
+fn poll_none_sleeps_through_an_earlier_polls_timer() {
+    let _d = util::deadline(SECS * 3);
+    let mut r = Reactor::master().unwrap();
+    let pongs = Rc::new(RefCell::new(0u32));
+    let p = pongs.clone();
+    r.on("pong", move |_r, _m: Message<u64>| *p.borrow_mut() += 1).unwrap();
+    let w = spawn_ready(&mut r, "general");
+    r.poll(Some(Duration::from_millis(50))).unwrap();
+    // A child that never says hello and exits in 700 ms: the only event to come.
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("0.7");
+    let born = Instant::now();
+    let _c = r.spawn(cmd).unwrap();
+    r.send_to(w, "ping", &1u64, None).send().unwrap();
+    while *pongs.borrow() == 0 {
+        r.poll(Some(Duration::from_millis(150))).unwrap();
+    }
+    // (No next_deadline() here: it would disarm the earlier poll's timer.)
+    r.poll(None).unwrap();
+    let took = born.elapsed();
+    assert!(took >= Duration::from_millis(650), "poll(None) returned after {took:?} with nothing to do");
+    r.shutdown(SECS).unwrap();
+}
+
 #[test]
 fn handlers_can_register_remove_and_send_reentrantly() {
     let _d = util::deadline(SECS * 3);

@@ -235,10 +235,9 @@ impl Reactor {
         let outbox = Outbox { frames: Vec::new(), max_frame: config.max_frame, spare: Vec::new() };
         let poll = Poll::new()?;
         // Without a timerfd (a sandbox may refuse it), waits pass their timeout to epoll.
-        let timer_fd = sys::timer_fd().ok();
-        if let Some(fd) = &timer_fd {
-            poll.registry().register(&mut SourceFd(&fd.as_raw_fd()), TIMER_TOKEN, Interest::READABLE)?;
-        }
+        let timer_fd = sys::timer_fd().ok().filter(|fd| {
+            poll.registry().register(&mut SourceFd(&fd.as_raw_fd()), TIMER_TOKEN, Interest::READABLE).is_ok()
+        });
         Ok(Reactor {
             poll,
             events: Events::with_capacity(256),
@@ -387,6 +386,13 @@ impl Reactor {
     /// # Ok::<(), clusterphone::Error>(())
     /// ```
     pub fn next_deadline(&mut self) -> Option<Instant> {
+        // A caller that asks nests us in its own loop: the timer of an earlier
+        // timed wait must not make our fd readable later with nothing to do.
+        if self.timer_armed.take().is_some() {
+            if let Some(fd) = &self.timer_fd {
+                let _ = sys::set_timer(fd.as_fd(), None);
+            }
+        }
         if self.pending_work() {
             return Some(Instant::now());
         }
@@ -411,7 +417,8 @@ impl Reactor {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut wait = self.wait_time(deadline);
         if let (Some(window), true) = (self.config.busy_poll, wait != Some(Duration::ZERO)) {
-            let spin_until = after(window);
+            // Spin no longer than the caller's deadline or the next timer allow.
+            let spin_until = after(wait.map_or(window, |w| w.min(window)));
             loop {
                 match self.poll_io(Some(Duration::ZERO)) {
                     Ok(()) => {}
@@ -427,9 +434,6 @@ impl Reactor {
                     }
                 }
                 if !self.events.is_empty() || Instant::now() >= spin_until {
-                    break;
-                }
-                if deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
                 }
             }
@@ -521,9 +525,10 @@ impl Reactor {
         if self.timer_armed.is_some_and(|armed| armed <= end) {
             return true;
         }
-        match sys::arm_timer(fd.as_fd(), wait) {
+        match sys::set_timer(fd.as_fd(), Some(wait)) {
             Ok(()) => {
-                self.timer_armed = Some(end);
+                // Taken after arming, so never earlier than the real expiry.
+                self.timer_armed = Instant::now().checked_add(wait);
                 true
             }
             Err(_) => false,
