@@ -370,6 +370,8 @@ impl Reactor {
     /// When `poll` next has something to do without new I/O: now, if frames
     /// are buffered; else the next timer; `None` if only I/O can wake it.
     /// With [`AsRawFd`], this lets a caller nest the reactor in its own loop.
+    /// It also disarms the timer a blocking `poll` may have left set, so the
+    /// fd then becomes readable only for I/O.
     ///
     /// ```no_run
     /// # use std::os::fd::AsRawFd;
