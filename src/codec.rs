@@ -168,10 +168,10 @@ pub fn encode_bytes_prefix(out: &mut Vec<u8>, env: Envelope<'_>, len: usize) -> 
         cbor_bytes_header(buf, len);
         Ok(())
     })?;
-    let total = (out.len() - start - LEN_FIELD).checked_add(len).and_then(|t| u32::try_from(t).ok());
-    let Some(total) = total else {
+    let head = out.len() - start;
+    let Some(total) = (head - LEN_FIELD).checked_add(len).and_then(|t| u32::try_from(t).ok()) else {
         out.truncate(start);
-        return Err(Error::FrameTooLarge { size: len, max: u32::MAX as usize });
+        return Err(Error::FrameTooLarge { size: head.saturating_add(len), max: u32::MAX as usize });
     };
     out[start..start + LEN_FIELD].copy_from_slice(&total.to_le_bytes());
     Ok(())
@@ -513,6 +513,24 @@ mod tests {
             encode_bytes_prefix(&mut split, env, len).unwrap();
             split.extend_from_slice(&data.0);
             assert_eq!(whole, split, "len {len}");
+        }
+    }
+
+    #[test]
+    fn a_byte_string_prefix_refuses_a_length_the_u32_field_cannot_hold() {
+        let env = Envelope { kind: Kind::Reply, flags: 0, nfds: 0, seq: 9, ns: "n", cmd: "c" };
+        // After the length field: 16 bytes of header, "n", "c", 5 bytes of CBOR header.
+        let after_len_field = 16 + 2 + 5;
+        let largest = u32::MAX as usize - after_len_field;
+        let mut out = vec![1, 2, 3];
+        encode_bytes_prefix(&mut out, env, largest).unwrap();
+        assert_eq!(out[3..7], u32::MAX.to_le_bytes());
+        assert_eq!(out.len(), 3 + 4 + after_len_field);
+        out.truncate(3);
+        for len in [largest + 1, u32::MAX as usize, usize::MAX] {
+            let e = encode_bytes_prefix(&mut out, env, len).unwrap_err();
+            assert!(matches!(e, Error::FrameTooLarge { .. }), "{e:?}");
+            assert_eq!(out, [1, 2, 3], "len {len}: out changed");
         }
     }
 

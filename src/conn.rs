@@ -14,8 +14,10 @@ use mio::net::UnixStream;
 use crate::codec::Decoder;
 use crate::sys;
 
-/// Frames gathered into one `sendmsg`.
+/// Slices gathered into one `sendmsg` (a frame takes one, or two with a tail).
 const MAX_IOV: usize = 64;
+// A call never carries more fds (one per frame at most) than the kernel takes.
+const _: () = assert!(MAX_IOV <= sys::MAX_FDS_PER_CALL);
 /// Bytes gathered into one `sendmsg` (beyond the first frame).
 const MAX_GATHER: usize = 1 << 20;
 /// Recycled frame buffers kept per connection, and the largest kept.

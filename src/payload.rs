@@ -16,6 +16,10 @@ const INLINE_BYTES: usize = 1024;
 /// written right after the frame header, in the same `sendmsg`: no copy. Both
 /// arrive the same way, as a CBOR byte string that decodes into `Bytes`.
 ///
+/// A refused send ([`SendError`](crate::SendError): queue full, worker gone,
+/// frame too large) hands back the fd but drops an owned payload: keep a clone,
+/// or send by reference, if you mean to retry.
+///
 /// ```no_run
 /// use clusterphone::{Bytes, Message};
 /// # let mut reactor = clusterphone::Reactor::master()?;

@@ -47,6 +47,13 @@ fn bytes_worker() {
     let s = seen.clone();
     r.on("digest", move |_r, m: Message<Bytes>| s.borrow_mut().push((m.payload.len(), digest(&m.payload)))).unwrap();
     r.on("digests", move |_r, m: Message<()>| m.reply.ok(&*seen.borrow()).unwrap()).unwrap();
+    // Stops reading for a while.
+    r.on("sleep", |_r, m: Message<u64>| std::thread::sleep(Duration::from_millis(m.payload))).unwrap();
+    // Replies with an owned buffer of the asked size (maybe over the frame limit).
+    r.on("make", |_r, m: Message<usize>| {
+        let _ = m.reply.ok(Bytes(vec![1u8; m.payload]));
+    })
+    .unwrap();
     // Sends `count` owned buffers of `len` bytes from inside a handler (queued, written after it).
     r.on("send-back", |r, m: Message<(u64, usize)>| {
         let (count, len) = m.payload;
@@ -162,5 +169,64 @@ fn an_owned_payload_over_the_frame_limit_is_refused() {
     let data = pattern(3, (1 << 20) - 64);
     let back: Bytes = r.request(w, "echo", Bytes(data.clone()), SECS).unwrap();
     assert!(back.0 == data);
+    r.shutdown(SECS).unwrap();
+}
+
+#[test]
+fn a_gather_full_of_owned_tails_never_overruns_the_iovec() {
+    let _d = util::deadline(SECS * 3);
+    let mut r = Reactor::master().unwrap();
+    let w = spawn_ready(&mut r, "bytes");
+    let mut expected = Vec::new();
+    // One frame of one slice, then owned frames of two slices each (head and
+    // tail), all small: one gather fills 63 slices and must stop before the
+    // next frame, which needs two.
+    r.batch(|r| {
+        for i in 0..100u64 {
+            let data = pattern(i, if i == 0 { 100 } else { 1500 });
+            expected.push((data.len(), digest(&data)));
+            r.send_to(w, "digest", Bytes(data), None).send().unwrap();
+        }
+    });
+    let seen: Vec<(usize, u64)> = r.request(w, "digests", &(), SECS).unwrap();
+    assert!(seen == expected, "contents or order differ");
+    r.shutdown(SECS).unwrap();
+}
+
+#[test]
+fn an_owned_payload_that_times_out_half_written_is_finished_not_cut() {
+    let _d = util::deadline(SECS * 3);
+    let mut r = Reactor::master().unwrap();
+    let w = spawn_ready(&mut r, "bytes");
+    // The worker stops reading: the 8 MiB frame is written in part (the
+    // socket holds far less) when its ack times out.
+    r.send_to(w, "sleep", &1000u64, None).send().unwrap();
+    let data = pattern(5, 8 << 20);
+    let h =
+        r.send_to(w, "digest", Bytes(data.clone()), None).within(Duration::from_millis(100)).handle::<()>().unwrap();
+    util::poll_until(&mut r, SECS, |_| h.is_done());
+    assert_eq!(h.take().unwrap().unwrap_err(), AckError::Timeout);
+    let (frames, bytes) = r.queue_depth(w).unwrap();
+    assert_eq!(frames, 1, "the started frame stays queued");
+    assert!(bytes > 0 && bytes < data.len(), "{bytes} bytes still queued");
+    // It is finished, whole, and the stream stays in step.
+    let seen: Vec<(usize, u64)> = r.request(w, "digests", &(), SECS).unwrap();
+    assert_eq!(seen, vec![(data.len(), digest(&data))]);
+    assert_eq!(r.queue_depth(w).unwrap(), (0, 0));
+    r.shutdown(SECS).unwrap();
+}
+
+#[test]
+fn an_owned_reply_over_the_frame_limit_becomes_an_error_ack() {
+    let _d = util::deadline(SECS * 3);
+    let mut r = Reactor::master().unwrap();
+    let w = spawn_ready(&mut r, "bytes");
+    // The worker's limit is the default 16 MiB, which the reply's header tips over.
+    let max = Config::default().max_frame;
+    let e = r.request::<Bytes, _>(w, "make", &max, SECS).unwrap_err();
+    assert!(matches!(e, Error::Ack(AckError::Remote(ref t)) if t.contains("reply not sent")), "{e:?}");
+    // The link is still up and in step.
+    let back: Bytes = r.request(w, "make", &(max - 64), SECS).unwrap();
+    assert_eq!(back.len(), max - 64);
     r.shutdown(SECS).unwrap();
 }
