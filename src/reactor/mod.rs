@@ -421,6 +421,7 @@ impl Reactor {
         if let (Some(window), true) = (self.config.busy_poll, wait != Some(Duration::ZERO)) {
             // Spin no longer than the caller's deadline or the next timer allow.
             let spin_until = after(wait.map_or(window, |w| w.min(window)));
+            let mut due = false;
             loop {
                 match self.poll_io(Some(Duration::ZERO)) {
                     Ok(()) => {}
@@ -429,17 +430,16 @@ impl Reactor {
                     Err(e) => return Err(e.into()),
                 }
                 if self.only_timer_event() {
-                    // An earlier wait's timer: spin on unless something is due.
+                    // Consumed here, not again below: spin on unless something is due.
                     self.timer_expired();
-                    if self.wait_time(deadline) != Some(Duration::ZERO) {
-                        self.events.clear();
-                    }
+                    self.events.clear();
+                    due = self.wait_time(deadline) == Some(Duration::ZERO);
                 }
-                if !self.events.is_empty() || Instant::now() >= spin_until {
+                if due || !self.events.is_empty() || Instant::now() >= spin_until {
                     break;
                 }
             }
-            if self.events.is_empty() {
+            if self.events.is_empty() && !due {
                 wait = self.wait_time(deadline);
                 self.sleep(wait, deadline)?;
             }
@@ -509,9 +509,11 @@ impl Reactor {
             if !self.only_timer_event() {
                 return Ok(());
             }
-            // Our timer alone: return if this wait is over, else it was set
-            // for an earlier wait; wait on.
+            // Our timer alone (consumed here, so the caller sees no event):
+            // return if this wait is over, else it was set for an earlier
+            // wait; wait on.
             self.timer_expired();
+            self.events.clear();
             wait = self.wait_time(deadline);
             if wait.is_some_and(|w| w.is_zero()) {
                 return Ok(());
