@@ -39,8 +39,8 @@ fn master() -> Result<(), Error> {
         let _ = msg.reply.ok("thanks");
     })?;
     reactor.on_worker_event(|_r, id, event| {
-        if let WorkerEvent::Exited(status) = event {
-            println!("master: worker {id} exited ({status})");
+        if let WorkerEvent::Exited(exit) = event {
+            println!("master: worker {id} exited ({exit})");
         }
     });
 

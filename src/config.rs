@@ -17,13 +17,32 @@ pub struct Config {
     pub ack_timeout: Duration,
     /// Largest frame sent or accepted, header included (default 16 MiB).
     pub max_frame: usize,
-    /// Bytes that may wait in one connection's write queue (default 64 MiB).
+    /// Memory one connection's write queue may hold (default 64 MiB). Each
+    /// queued frame is charged what it really holds: its buffers' capacity
+    /// plus [`QUEUE_FRAME_OVERHEAD`]. A send that would take the queue past
+    /// the limit is refused with [`Error::QueueFull`](crate::Error::QueueFull).
+    /// Replies and the library's own acks are never refused: while a queue is
+    /// over the limit, the reactor stops reading from that peer until it
+    /// drains, so a peer that sends requests and never reads its replies
+    /// blocks on its own writes.
     pub max_queue_bytes: usize,
     /// fds that may wait in one connection's write queue (default 1024).
     pub max_queue_fds: usize,
     /// Received fds that may wait for their frame on one connection (default
-    /// 256: a well-behaved peer never has more than 64 ahead of their frames).
+    /// 32). A peer of this library sends at most 16 fds per write, so it never
+    /// has more than 31 ahead of their frames; beyond the limit the peer is
+    /// disconnected ([`ProtocolError::TooManyFdsInFlight`](crate::ProtocolError::TooManyFdsInFlight)).
     pub max_received_fds: usize,
+    /// Received fds that may wait for their frames on all connections
+    /// together (default 128). When a read could take the total past it, the
+    /// connection that has held unclaimed fds the longest is closed, so peers
+    /// that park fds cannot fill the process's fd table.
+    pub max_received_fds_total: usize,
+    /// Namespaces a peer may announce (default 64); a namespace name is at
+    /// most [`MAX_NAMESPACE_LEN`] bytes. A peer announcing more is
+    /// disconnected ([`ProtocolError::TooManyNamespaces`](crate::ProtocolError::TooManyNamespaces)),
+    /// and a worker that registers more is refused locally.
+    pub max_namespaces: usize,
     /// Frames dispatched per connection per `poll` before yielding (default 1024).
     pub frames_per_poll: usize,
     /// After a worker's channel hangs up, how long to wait for its exit status
@@ -49,13 +68,73 @@ impl Default for Config {
             max_frame: 16 << 20,
             max_queue_bytes: 64 << 20,
             max_queue_fds: 1024,
-            max_received_fds: 256,
+            max_received_fds: 32,
+            max_received_fds_total: 128,
+            max_namespaces: 64,
             frames_per_poll: 1024,
             hangup_grace: Duration::from_millis(50),
             exit_polling: false,
             writable_wakeups: WritableWakeups::AfterWritesOf(16 * 1024),
             busy_poll: None,
         }
+    }
+}
+
+/// Longest namespace name, in bytes.
+pub const MAX_NAMESPACE_LEN: usize = 255;
+
+/// Heap a queued frame holds besides its buffers (its queue entry, its ack
+/// record and timer slot if it asked for one): what
+/// [`Config::max_queue_bytes`] charges each frame on top of its bytes.
+pub const QUEUE_FRAME_OVERHEAD: usize = 128;
+
+/// Longest timeout a setting or a message may have; anything longer is surely a unit mistake.
+pub(crate) const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Smallest `max_frame`: a hello with a few namespaces must fit.
+const MIN_FRAME: usize = 1024;
+
+impl Config {
+    /// Checks every setting: the reactor constructors refuse a config that
+    /// fails this with [`Error::InvalidConfig`](crate::Error::InvalidConfig).
+    ///
+    /// ```
+    /// let mut config = clusterphone::Config::default();
+    /// config.ack_timeout = std::time::Duration::ZERO;
+    /// assert!(config.validate().is_err());
+    /// ```
+    pub fn validate(&self) -> Result<(), crate::Error> {
+        use crate::Error::InvalidConfig;
+        if self.ack_timeout.is_zero() || self.ack_timeout > MAX_TIMEOUT {
+            return Err(InvalidConfig("ack_timeout must be above zero and at most a day"));
+        }
+        if self.max_frame < MIN_FRAME || self.max_frame > u32::MAX as usize {
+            return Err(InvalidConfig("max_frame must be between 1 KiB and 4 GiB"));
+        }
+        if self.max_queue_bytes < self.max_frame.min(64 << 10) {
+            return Err(InvalidConfig("max_queue_bytes must hold a frame of max_frame bytes, or 64 KiB"));
+        }
+        if self.max_queue_fds == 0 {
+            return Err(InvalidConfig("max_queue_fds must be at least 1"));
+        }
+        if self.max_received_fds > self.max_received_fds_total {
+            return Err(InvalidConfig("max_received_fds must not exceed max_received_fds_total"));
+        }
+        if self.max_received_fds_total > 1 << 16 {
+            return Err(InvalidConfig("max_received_fds_total must be at most 65536"));
+        }
+        if self.max_namespaces > 1 << 16 {
+            return Err(InvalidConfig("max_namespaces must be at most 65536"));
+        }
+        if self.frames_per_poll == 0 {
+            return Err(InvalidConfig("frames_per_poll must be at least 1"));
+        }
+        if self.hangup_grace > MAX_TIMEOUT {
+            return Err(InvalidConfig("hangup_grace must be at most a day"));
+        }
+        if self.busy_poll.is_some_and(|b| b > Duration::from_secs(1)) {
+            return Err(InvalidConfig("busy_poll must be at most a second"));
+        }
+        Ok(())
     }
 }
 
@@ -119,4 +198,7 @@ pub struct Stats {
     /// Writable edges that found nothing to write: the wake-ups asked for by
     /// [`Config::writable_wakeups`].
     pub idle_writable_events: u64,
+    /// Times reading from a peer was paused because our queue to it was over
+    /// [`Config::max_queue_bytes`] (it sends faster than it reads our replies).
+    pub read_pauses: u64,
 }

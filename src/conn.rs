@@ -8,21 +8,26 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::Instant;
 
 use mio::net::UnixStream;
 
 use crate::codec::Decoder;
+use crate::config::QUEUE_FRAME_OVERHEAD;
 use crate::sys;
 
 /// Slices gathered into one `sendmsg` (a frame takes one, or two with a tail).
 const MAX_IOV: usize = 64;
-// A call never carries more fds (one per frame at most) than the kernel takes.
-const _: () = assert!(MAX_IOV <= sys::MAX_FDS_PER_CALL);
+/// Fds sent in one `sendmsg`: the peer holds at most this many ahead of
+/// their frames per write, so its `Config::max_received_fds` can stay small.
+pub(crate) const FDS_PER_WRITE: usize = 16;
+const _: () = assert!(FDS_PER_WRITE <= sys::MAX_FDS_PER_CALL);
 /// Bytes gathered into one `sendmsg` (beyond the first frame).
 const MAX_GATHER: usize = 1 << 20;
-/// Recycled frame buffers kept per connection, and the largest kept.
-const POOL_MAX: usize = 64;
-const POOL_BUF_MAX: usize = 128 * 1024;
+/// Recycled frame buffers kept per connection, and the largest kept (at
+/// most 256 KiB per connection: small frames are the ones worth recycling).
+const POOL_MAX: usize = 16;
+const POOL_BUF_MAX: usize = 16 * 1024;
 
 #[derive(Debug)]
 struct OutFrame {
@@ -36,6 +41,9 @@ struct OutFrame {
     /// The fd went out with an earlier `sendmsg`, ahead of this frame's bytes:
     /// the peer pairs it with this frame, so the frame can no longer be cancelled.
     fd_sent: bool,
+    /// The frame's ack deadline: once it has passed, the frame is never
+    /// written (its sender is told `Timeout`, so no handler may see it).
+    expires: Option<Instant>,
 }
 
 /// What one flush achieved.
@@ -62,13 +70,26 @@ pub(crate) enum Read {
     WouldBlock,
     /// The peer closed its end.
     Eof,
-    /// The kernel dropped fds (MSG_CTRUNC), or too many fds are waiting.
+    /// The kernel dropped fds (MSG_CTRUNC): we could not take them.
     FdsLost,
+    /// The peer sent more fds than this read had room for (the kernel
+    /// closed the excess).
+    TooManyFds,
 }
 
 impl OutFrame {
     fn len(&self) -> usize {
         self.buf.len() + self.tail.len()
+    }
+
+    /// The heap this frame holds, as `Config::max_queue_bytes` counts it.
+    fn charge(&self) -> usize {
+        self.buf.capacity() + self.tail.capacity() + self.overhead()
+    }
+
+    /// The queue entry, and for a frame that asked for an ack its ack record.
+    fn overhead(&self) -> usize {
+        QUEUE_FRAME_OVERHEAD * (1 + usize::from(self.expires.is_some()))
     }
 
     /// The parts of the frame from byte `skip` on (empty parts left out).
@@ -92,6 +113,8 @@ pub(crate) struct Conn {
     /// Queue sequence of `queue[0]`; frames are numbered as they are pushed.
     front_qseq: u64,
     queued_bytes: usize,
+    /// Heap held by the queue (see `OutFrame::charge`).
+    queued_mem: usize,
     queued_fds: usize,
     /// A write hit EAGAIN; wait for the writable edge.
     pub(crate) blocked: bool,
@@ -118,6 +141,7 @@ impl Conn {
             front_written: 0,
             front_qseq: 1,
             queued_bytes: 0,
+            queued_mem: 0,
             queued_fds: 0,
             blocked: false,
             write_interest: false,
@@ -154,6 +178,16 @@ impl Conn {
         self.queued_bytes
     }
 
+    /// Heap held by the queue: buffers' capacity plus a fixed cost per frame.
+    pub(crate) fn queued_mem(&self) -> usize {
+        self.queued_mem
+    }
+
+    /// What queueing `buf` and `tail` (with an ack if `acked`) would add to `queued_mem`.
+    pub(crate) fn charge_of(buf: &Vec<u8>, tail: &Vec<u8>, acked: bool) -> usize {
+        buf.capacity() + tail.capacity() + QUEUE_FRAME_OVERHEAD * (1 + usize::from(acked))
+    }
+
     pub(crate) fn queued_fds(&self) -> usize {
         self.queued_fds
     }
@@ -162,11 +196,14 @@ impl Conn {
         self.queue.len()
     }
 
-    /// Appends a frame (`buf`, then `tail`); returns its queue sequence (for `cancel`).
-    pub(crate) fn push(&mut self, buf: Vec<u8>, tail: Vec<u8>, fd: Option<OwnedFd>) -> u64 {
-        self.queued_bytes += buf.len() + tail.len();
-        self.queued_fds += usize::from(fd.is_some());
-        self.queue.push_back(OutFrame { buf, tail, fd, fd_sent: false });
+    /// Appends a frame (`buf`, then `tail`), never to be written after
+    /// `expires`; returns its queue sequence (for `cancel`).
+    pub(crate) fn push(&mut self, buf: Vec<u8>, tail: Vec<u8>, fd: Option<OwnedFd>, expires: Option<Instant>) -> u64 {
+        let frame = OutFrame { buf, tail, fd, fd_sent: false, expires };
+        self.queued_bytes += frame.len();
+        self.queued_mem += frame.charge();
+        self.queued_fds += usize::from(frame.fd.is_some());
+        self.queue.push_back(frame);
         self.front_qseq + self.queue.len() as u64 - 1
     }
 
@@ -174,16 +211,23 @@ impl Conn {
     /// the queue has been written (the master's hello reply).
     pub(crate) fn push_front(&mut self, buf: Vec<u8>) {
         debug_assert_eq!(self.front_written, 0);
-        self.queued_bytes += buf.len();
+        let frame = OutFrame { buf, tail: Vec::new(), fd: None, fd_sent: false, expires: None };
+        self.queued_bytes += frame.len();
+        self.queued_mem += frame.charge();
         self.front_qseq -= 1;
-        self.queue.push_front(OutFrame { buf, tail: Vec::new(), fd: None, fd_sent: false });
+        self.queue.push_front(frame);
     }
 
     /// Removes a queued frame that has not started to be written, closing its
     /// fd. Returns false if it was written (or started) already.
     pub(crate) fn cancel(&mut self, qseq: u64) -> bool {
         let Some(idx) = qseq.checked_sub(self.front_qseq) else { return false };
-        let idx = idx as usize;
+        self.cancel_at(idx as usize)
+    }
+
+    /// Cancels `queue[idx]` if none of it has gone out (the front frame's
+    /// bytes, or its fd with an earlier call).
+    fn cancel_at(&mut self, idx: usize) -> bool {
         if idx == 0 && self.front_written > 0 {
             return false;
         }
@@ -192,6 +236,8 @@ impl Conn {
             return false;
         }
         self.queued_bytes -= f.len();
+        // The entry stays (empty) until it reaches the front: only its overhead is still held.
+        self.queued_mem -= f.charge() - f.overhead();
         drop(std::mem::take(&mut f.tail));
         let buf = std::mem::take(&mut f.buf);
         if let Some(fd) = f.fd.take() {
@@ -200,6 +246,19 @@ impl Conn {
         }
         self.recycle(buf);
         true
+    }
+
+    /// Cancels the frames among the first `MAX_IOV` whose deadline has
+    /// passed, before a write could send them.
+    fn drop_expired(&mut self) {
+        let mut now = None;
+        for idx in 0..self.queue.len().min(MAX_IOV) {
+            let Some(expires) = self.queue[idx].expires else { continue };
+            let now = *now.get_or_insert_with(Instant::now);
+            if expires <= now {
+                self.cancel_at(idx);
+            }
+        }
     }
 
     /// One best-effort write of `buf` outside the queue (a parting message
@@ -212,6 +271,7 @@ impl Conn {
     pub(crate) fn flush(&mut self) -> io::Result<Flushed> {
         let sock = self.stream.as_raw_fd();
         loop {
+            self.drop_expired();
             self.pop_finished();
             if self.queue.is_empty() {
                 return Ok(Flushed::All);
@@ -236,7 +296,7 @@ impl Conn {
                         break;
                     }
                     if let Some(fd) = &f.fd {
-                        if fds.len() == sys::MAX_FDS_PER_CALL {
+                        if fds.len() == FDS_PER_WRITE {
                             break;
                         }
                         fds.push(fd.as_raw_fd());
@@ -302,6 +362,7 @@ impl Conn {
                 return;
             }
             let Some(f) = self.queue.pop_front() else { return };
+            self.queued_mem -= f.charge();
             if !f.buf.is_empty() {
                 self.frames_written += 1;
             }
@@ -316,20 +377,30 @@ impl Conn {
         }
     }
 
-    /// One `recvmsg` into the decoder.
-    pub(crate) fn read(&mut self) -> io::Result<Read> {
+    /// One `recvmsg` into the decoder, of at most `max_bytes` bytes and
+    /// `max_fds` fds (more fds than that arrive as `FdsLost`: the kernel
+    /// closes the excess, so we never hold them).
+    pub(crate) fn read(&mut self, max_bytes: usize, max_fds: usize) -> io::Result<Read> {
         let sock = self.stream.as_raw_fd();
         loop {
             let buf = self.decoder.read_buf();
+            let len = max_bytes.min(buf.len());
+            let buf = &mut buf[..len];
             let offered = buf.len();
-            match sys::recv_with_fds(sock, buf, &mut self.fd_scratch) {
+            match sys::recv_with_fds(sock, buf, max_fds, &mut self.fd_scratch) {
                 Ok(r) => {
                     let drained = r.bytes < offered && self.fd_scratch.is_empty();
-                    let mut lost = r.truncated;
+                    // Truncated with the room full: the peer sent more than
+                    // we take; with room left: we could not install them (EMFILE).
+                    let mut too_many = r.truncated && self.fd_scratch.len() >= max_fds;
+                    let lost = r.truncated;
                     for fd in self.fd_scratch.drain(..) {
                         if self.decoder.push_fd(fd).is_err() {
-                            lost = true;
+                            too_many = true;
                         }
+                    }
+                    if too_many {
+                        return Ok(Read::TooManyFds);
                     }
                     if lost {
                         return Ok(Read::FdsLost);

@@ -24,7 +24,8 @@ pub enum Error {
     EmptyNamespace,
     /// The namespace name is reserved for the library.
     ReservedNamespace,
-    /// The command or namespace name is longer than 65535 bytes.
+    /// The command name is longer than 65535 bytes, or the namespace name
+    /// longer than [`MAX_NAMESPACE_LEN`](crate::MAX_NAMESPACE_LEN).
     NameTooLong,
     /// No such worker, or it has exited or been disconnected.
     UnknownWorker(WorkerId),
@@ -64,6 +65,16 @@ pub enum Error {
     Ack(AckError),
     /// `flush` ran out of time with frames still queued.
     FlushTimeout,
+    /// A [`Config`](crate::Config) setting is out of range (the text says which and why).
+    InvalidConfig(&'static str),
+    /// `spawn` was called while [`Reactor::shutdown`](crate::Reactor::shutdown) runs.
+    ShuttingDown,
+    /// `spawn` was given a command with piped stdio, which nobody would read (the
+    /// worker would block once a pipe fills): the child was killed and reaped.
+    /// Use [`Reactor::spawn_piped`](crate::Reactor::spawn_piped) to get the pipes.
+    PipedStdio,
+    /// A worker tried to register more namespaces than [`Config::max_namespaces`](crate::Config::max_namespaces).
+    TooManyNamespaces,
 }
 
 impl fmt::Display for Error {
@@ -92,6 +103,10 @@ impl fmt::Display for Error {
             Error::Reentrant => f.write_str("cannot poll from inside a handler"),
             Error::Ack(e) => write!(f, "request failed: {e}"),
             Error::FlushTimeout => f.write_str("flush timed out with frames still queued"),
+            Error::InvalidConfig(why) => write!(f, "invalid config: {why}"),
+            Error::ShuttingDown => f.write_str("the reactor is shutting down"),
+            Error::PipedStdio => f.write_str("piped stdio needs spawn_piped (nobody would read the pipes)"),
+            Error::TooManyNamespaces => f.write_str("too many namespaces"),
         }
     }
 }
@@ -186,7 +201,7 @@ impl From<SendError> for Error {
 /// match reactor.request::<String, _>(worker, "hello", &(), Duration::from_secs(1)) {
 ///     Ok(reply) => println!("{reply}"),
 ///     Err(Error::Ack(AckError::Timeout)) => println!("too slow"),
-///     Err(Error::Ack(AckError::Exited(status))) => println!("died: {status}"),
+///     Err(Error::Ack(AckError::Exited(exit))) => println!("died: {exit}"),
 ///     Err(e) => println!("{e}"),
 /// }
 /// # Ok::<(), clusterphone::Error>(())
@@ -209,7 +224,7 @@ pub enum AckError {
     /// The channel closed (on a worker: the master went away).
     Disconnected,
     /// The worker process ended.
-    Exited(ExitStatus),
+    Exited(Exit),
     /// The reply arrived but did not decode into the requested type.
     BadReply(String),
 }
@@ -224,13 +239,61 @@ impl fmt::Display for AckError {
             AckError::Dropped => f.write_str("remote handler dropped the message without replying"),
             AckError::Timeout => f.write_str("timed out waiting for the acknowledgement"),
             AckError::Disconnected => f.write_str("channel closed before the acknowledgement"),
-            AckError::Exited(s) => write!(f, "worker exited before acknowledging ({s})"),
+            AckError::Exited(e) => write!(f, "worker exited before acknowledging ({e})"),
             AckError::BadReply(e) => write!(f, "cannot decode reply: {e}"),
         }
     }
 }
 
 impl std::error::Error for AckError {}
+
+/// How a worker process ended, as reported by [`WorkerEvent::Exited`](crate::WorkerEvent::Exited)
+/// and [`AckError::Exited`].
+///
+/// ```no_run
+/// # use clusterphone::WorkerEvent;
+/// # let mut reactor = clusterphone::Reactor::master()?;
+/// reactor.on_worker_event(|reactor, _id, event| {
+///     if let WorkerEvent::Exited(exit) = event {
+///         // Requested exits (request_exit, kill, shutdown) are not crashes: no respawn.
+///         if exit.is_crash() {
+///             let _ = reactor.spawn(std::process::Command::new("my-worker-binary"));
+///         }
+///     }
+/// });
+/// # Ok::<(), clusterphone::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Exit {
+    /// The exit status; `None` if it could not be had: the process was reaped
+    /// by someone else (SIGCHLD set to `SIG_IGN`, or a `waitpid(-1)` elsewhere
+    /// in the program).
+    pub status: Option<ExitStatus>,
+    /// This master asked for the exit ([`request_exit`](crate::Reactor::request_exit),
+    /// [`kill`](crate::Reactor::kill) or [`shutdown`](crate::Reactor::shutdown)).
+    pub requested: bool,
+}
+
+impl Exit {
+    /// Whether the worker ended without being asked to: a crash, or an exit of its own.
+    pub fn is_crash(&self) -> bool {
+        !self.requested
+    }
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.status {
+            Some(s) => write!(f, "{s}")?,
+            None => f.write_str("status unknown")?,
+        }
+        if self.requested {
+            f.write_str(", as requested")?;
+        }
+        Ok(())
+    }
+}
 
 /// A peer broke the wire protocol. The connection it came on is closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,8 +328,14 @@ pub enum ProtocolError {
     Version(u32),
     /// The stream ended in the middle of a frame.
     Truncated,
-    /// The fd limit for this connection was exceeded.
+    /// The peer sent more fds ahead of their frames than
+    /// [`Config::max_received_fds`](crate::Config::max_received_fds) allows, or held
+    /// unclaimed fds the longest when all links together reached
+    /// [`Config::max_received_fds_total`](crate::Config::max_received_fds_total).
     TooManyFdsInFlight,
+    /// The peer announced more namespaces than
+    /// [`Config::max_namespaces`](crate::Config::max_namespaces) allows.
+    TooManyNamespaces,
 }
 
 impl fmt::Display for ProtocolError {
@@ -285,6 +354,7 @@ impl fmt::Display for ProtocolError {
             ProtocolError::Version(v) => write!(f, "unsupported protocol version {v}"),
             ProtocolError::Truncated => f.write_str("stream ended inside a frame"),
             ProtocolError::TooManyFdsInFlight => f.write_str("too many fds received"),
+            ProtocolError::TooManyNamespaces => f.write_str("too many namespaces announced"),
         }
     }
 }

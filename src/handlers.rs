@@ -87,7 +87,7 @@ pub(crate) fn check_namespace(ns: &str) -> Result<(), crate::Error> {
         Err(crate::Error::EmptyNamespace)
     } else if ns.starts_with(RESERVED_PREFIX) {
         Err(crate::Error::ReservedNamespace)
-    } else if ns.len() > u16::MAX as usize {
+    } else if ns.len() > crate::config::MAX_NAMESPACE_LEN {
         Err(crate::Error::NameTooLong)
     } else {
         Ok(())
@@ -130,6 +130,14 @@ impl Handlers {
             self.spaces.remove(ns);
         }
         true
+    }
+
+    pub(crate) fn has_namespace(&self, ns: &str) -> bool {
+        self.spaces.contains_key(ns)
+    }
+
+    pub(crate) fn namespace_count(&self) -> usize {
+        self.spaces.len()
     }
 
     pub(crate) fn contains(&self, ns: &str, cmd: &str) -> bool {

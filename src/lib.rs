@@ -53,12 +53,12 @@ use serde::de::DeserializeOwned;
 
 pub use ack::{AckHandle, Outgoing, Responder};
 pub use bytes::Bytes;
-pub use config::{Config, Stats, WritableWakeups};
-pub use error::{AckError, Error, ProtocolError, SendError};
+pub use config::{Config, Stats, WritableWakeups, MAX_NAMESPACE_LEN, QUEUE_FRAME_OVERHEAD};
+pub use error::{AckError, Error, Exit, ProtocolError, SendError};
 pub use handlers::{DEFAULT_NAMESPACE, RESERVED_PREFIX};
 pub use payload::Payload;
 pub use reactor::{DisconnectReason, Reactor, Unhandled, WorkerEvent};
-pub use spawn::{is_worker, ENV_FD, ENV_ID};
+pub use spawn::{is_worker, WorkerPipes, ENV_FD, ENV_ID};
 
 use ack::Target;
 

@@ -6,14 +6,14 @@
 //! `NODE_CHANNEL_FD`.
 
 use std::env;
-use std::os::fd::{AsFd, AsRawFd};
-use std::process::Command;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::process::{ChildStderr, ChildStdin, ChildStdout, Command};
 
 use mio::net::UnixStream;
 
 use crate::codec::Decoder;
 use crate::conn::Conn;
-use crate::reactor::{Link, Role};
+use crate::reactor::{reap_now, Link, Role};
 use crate::{sys, Config, Error, Reactor, WorkerId};
 
 /// Environment variable carrying the channel's fd number to a worker.
@@ -21,7 +21,11 @@ pub const ENV_FD: &str = "CLUSTERPHONE_FD";
 /// Environment variable carrying the worker's id.
 pub const ENV_ID: &str = "CLUSTERPHONE_WORKER_ID";
 
-/// Whether this process was spawned by a clusterphone master (and has not attached yet).
+/// Whether this process was spawned by a clusterphone master (and has not attached yet):
+/// the environment names a channel fd, and that fd is a Unix socket connected
+/// to this process's parent. (The variables stay in the environment, which
+/// this crate never modifies; processes a worker spawns see them, but not
+/// the channel, which is close-on-exec, so they are not workers.)
 ///
 /// ```
 /// if clusterphone::is_worker() {
@@ -29,7 +33,26 @@ pub const ENV_ID: &str = "CLUSTERPHONE_WORKER_ID";
 /// }
 /// ```
 pub fn is_worker() -> bool {
-    env::var_os(ENV_FD).is_some()
+    !sys::channel_adopted() && channel_fd().is_ok_and(|fd| sys::check_channel_fd(fd).is_ok())
+}
+
+/// The channel fd number named by the environment.
+fn channel_fd() -> Result<RawFd, Error> {
+    let value = env::var(ENV_FD).map_err(|_| Error::NotAWorker(format!("{ENV_FD} is not set")))?;
+    value.trim().parse().map_err(|_| Error::NotAWorker(format!("{ENV_FD}={value:?} is not a number")))
+}
+
+/// The pipes of a worker spawned with piped stdio, from [`Reactor::spawn_piped`].
+/// Read them (or close them): a worker blocks once a pipe it writes to is full.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct WorkerPipes {
+    /// The worker's stdin, if piped.
+    pub stdin: Option<ChildStdin>,
+    /// The worker's stdout, if piped.
+    pub stdout: Option<ChildStdout>,
+    /// The worker's stderr, if piped.
+    pub stderr: Option<ChildStderr>,
 }
 
 fn new_conn(stream: UnixStream, config: &Config) -> Conn {
@@ -74,16 +97,20 @@ impl Reactor {
 
     /// Attaches this worker process to its master.
     ///
-    /// Checks that the inherited fd is a Unix stream socket, makes it
-    /// close-on-exec again, and removes the environment variables, so that
-    /// processes this worker spawns do not adopt the channel.
+    /// Adopts the fd named by `CLUSTERPHONE_FD` only if it is a Unix stream
+    /// socket whose peer is this process's parent (so it must be the master's
+    /// direct child: spawn through a shell only with `exec`), and only once
+    /// per process; then makes it close-on-exec again, so that processes this
+    /// worker spawns do not inherit the channel. The environment is read,
+    /// never modified (so this is safe to call with other threads running).
+    ///
+    /// # Errors
+    /// [`Error::NotAWorker`] if there is no such channel or it was adopted
+    /// already; [`Error::InvalidConfig`] for a bad `config`.
     pub fn attach_with(config: Config) -> Result<Reactor, Error> {
-        let value = env::var(ENV_FD).map_err(|_| Error::NotAWorker(format!("{ENV_FD} is not set")))?;
+        config.validate()?;
+        let raw = channel_fd()?;
         let id = env::var(ENV_ID).ok().and_then(|s| WorkerId::parse(&s));
-        // Remove first, so a second attach (or a grandchild) can never adopt the fd.
-        env::remove_var(ENV_FD);
-        env::remove_var(ENV_ID);
-        let raw = value.trim().parse().map_err(|_| Error::NotAWorker(format!("{ENV_FD}={value:?} is not a number")))?;
         let fd = sys::adopt_channel_fd(raw).map_err(|e| Error::NotAWorker(format!("fd {raw}: {e}")))?;
         sys::set_cloexec(fd.as_fd())?;
         sys::set_nonblocking(fd.as_fd(), true)?;
@@ -114,9 +141,56 @@ impl Reactor {
     /// reactor.send_to(worker, "hello", &"queued until the worker is up", None).send()?;
     /// # Ok::<(), clusterphone::Error>(())
     /// ```
-    pub fn spawn(&mut self, mut command: Command) -> Result<WorkerId, Error> {
+    ///
+    /// The worker starts with no blocked signals and every signal at its
+    /// default disposition, whatever the master's own signal state.
+    ///
+    /// # Errors
+    /// [`Error::WrongRole`] on a worker, [`Error::ShuttingDown`] during
+    /// [`shutdown`](Reactor::shutdown), [`Error::PipedStdio`] if `command`
+    /// pipes any stdio (use [`spawn_piped`](Reactor::spawn_piped)), and
+    /// [`Error::Io`] if the process cannot be started.
+    pub fn spawn(&mut self, command: Command) -> Result<WorkerId, Error> {
+        let (id, pipes) = self.spawn_piped(command)?;
+        if pipes.stdin.is_some() || pipes.stdout.is_some() || pipes.stderr.is_some() {
+            // Nobody would read them: the worker would block on a full pipe.
+            let key = id.key as usize;
+            self.close_conn(key);
+            let mut link = self.links.remove(key);
+            reap_now(&mut link);
+            return Err(Error::PipedStdio);
+        }
+        Ok(id)
+    }
+
+    /// Spawns a worker like [`spawn`](Reactor::spawn), and hands over the
+    /// pipes of any stdio that `command` sets to [`Stdio::piped`](std::process::Stdio::piped).
+    ///
+    /// ```no_run
+    /// use std::io::{BufRead, BufReader};
+    /// use std::process::{Command, Stdio};
+    /// let mut reactor = clusterphone::Reactor::master()?;
+    /// let mut cmd = Command::new("my-worker-binary");
+    /// cmd.stderr(Stdio::piped());
+    /// let (_worker, pipes) = reactor.spawn_piped(cmd)?;
+    /// let stderr = pipes.stderr.expect("piped");
+    /// // Read it on a thread (or register it with your own loop).
+    /// std::thread::spawn(move || {
+    ///     for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+    ///         eprintln!("worker: {line}");
+    ///     }
+    /// });
+    /// # Ok::<(), clusterphone::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`spawn`](Reactor::spawn), without [`Error::PipedStdio`].
+    pub fn spawn_piped(&mut self, mut command: Command) -> Result<(WorkerId, WorkerPipes), Error> {
         if self.role != Role::Master {
             return Err(Error::WrongRole);
+        }
+        if self.shutting_down {
+            return Err(Error::ShuttingDown);
         }
         let (ours, theirs) = sys::socketpair()?;
         sys::set_nonblocking(ours.as_fd(), true)?;
@@ -125,17 +199,17 @@ impl Reactor {
         command.env(ENV_FD, theirs.as_raw_fd().to_string());
         command.env(ENV_ID, id.to_string());
         sys::inherit_in_child(&mut command, theirs.as_raw_fd());
-        let child = command.spawn()?;
+        let mut child = command.spawn()?;
         drop(theirs);
-        // Without pidfd_open (Linux < 5.3), exits are found by a periodic check.
-        let pidfd = if self.config.exit_polling { None } else { sys::pidfd_open(child.id()).ok() };
+        let pipes = WorkerPipes { stdin: child.stdin.take(), stdout: child.stdout.take(), stderr: child.stderr.take() };
+        // Signals go through the pidfd. Without pidfd_open (Linux < 5.3),
+        // exits are found by a periodic check, as with `exit_polling`.
+        let pidfd = sys::pidfd_open(child.id()).ok();
         let stream = UnixStream::from_std(std::os::unix::net::UnixStream::from(ours));
         let mut link = Link::new(id, new_conn(stream, &self.config), false);
         link.child = Some(child);
         link.pidfd = pidfd;
-        match self.add_link(link) {
-            Ok(_) => Ok(id),
-            Err(e) => Err(e),
-        }
+        self.add_link(link)?;
+        Ok((id, pipes))
     }
 }

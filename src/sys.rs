@@ -85,15 +85,14 @@ fn sockopt_int(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
     Ok(val)
 }
 
-/// Takes ownership of the descriptor a master handed down to this process,
-/// after checking that it is an open AF_UNIX stream socket.
-///
-/// The caller (`attach`) removes the environment variable naming the fd before
-/// anything else can read it, so only one `OwnedFd` ever exists for it.
-pub(crate) fn adopt_channel_fd(raw: RawFd) -> io::Result<OwnedFd> {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    /// Set by the first adoption: two threads attaching at once must not both own the fd.
-    static ADOPTED: AtomicBool = AtomicBool::new(false);
+/// Set by the first adoption: two threads attaching at once must not both own the fd.
+static ADOPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Checks that `raw` is the channel our parent handed down: an open AF_UNIX
+/// stream socket whose peer (the process that created the socketpair) is
+/// our parent. A socket this process made itself, or any other fd the
+/// environment may name, fails the check, so it is never adopted.
+pub(crate) fn check_channel_fd(raw: RawFd) -> io::Result<()> {
     if raw < 0 {
         return Err(io::Error::from_raw_os_error(libc::EBADF));
     }
@@ -104,28 +103,100 @@ pub(crate) fn adopt_channel_fd(raw: RawFd) -> io::Result<OwnedFd> {
     if domain != libc::AF_UNIX || kind != libc::SOCK_STREAM {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "channel fd is not a Unix stream socket"));
     }
-    if ADOPTED.swap(true, Ordering::SeqCst) {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes and `len` holds `cred`'s size.
+    cvt(unsafe {
+        libc::getsockopt(raw, libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len)
+    })?;
+    // SAFETY: getppid and getpid cannot fail and touch no memory.
+    let (parent, me) = unsafe { (libc::getppid(), libc::getpid()) };
+    if cred.pid == me || cred.pid != parent {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "channel fd is not connected to the parent process"));
+    }
+    Ok(())
+}
+
+/// Whether this process has adopted its channel already.
+pub(crate) fn channel_adopted() -> bool {
+    ADOPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Takes ownership of the descriptor a master handed down to this process,
+/// after `check_channel_fd`, once per process.
+pub(crate) fn adopt_channel_fd(raw: RawFd) -> io::Result<OwnedFd> {
+    check_channel_fd(raw)?;
+    if ADOPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
         return Err(io::Error::new(io::ErrorKind::AlreadyExists, "the channel fd was adopted already"));
     }
-    // SAFETY: the fd is open (checked above) and was handed to this process
-    // for the channel alone; the env variable naming it is removed by our
-    // caller and ADOPTED makes this the only adoption in the process.
+    // SAFETY: the fd is open and is a socket whose peer is our parent (checked
+    // above): the channel inherited across exec, which nothing in this process
+    // created, so nothing else owns it unless user code took it with an
+    // `unsafe` from_raw_fd; ADOPTED makes this the only adoption in the process.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
-/// Arranges for `fd` to survive `exec` in the child only: the parent's copy
-/// keeps close-on-exec, so a spawn on another thread can never inherit it.
+/// Arranges for `fd` to survive `exec` in the child only (the parent's copy
+/// keeps close-on-exec, so a spawn on another thread can never inherit it),
+/// and for the child to start with a clean signal state, as libuv does: no
+/// blocked signals, every disposition the default (a master that blocks
+/// SIGTERM for a signalfd, or ignores SIGCHLD, must not pass that on).
 pub(crate) fn inherit_in_child(cmd: &mut Command, fd: RawFd) {
     // SAFETY: the closure runs between fork and exec and calls only fcntl,
-    // which is async-signal-safe; it touches no memory shared with the parent.
+    // sigemptyset, sigprocmask and sigaction, which are async-signal-safe; it
+    // writes only to its own stack.
     unsafe {
         cmd.pre_exec(move || {
             if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                 return Err(io::Error::last_os_error());
             }
+            let mut set: libc::sigset_t = mem::zeroed();
+            libc::sigemptyset(&mut set);
+            if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut dfl: libc::sigaction = mem::zeroed();
+            dfl.sa_sigaction = libc::SIG_DFL;
+            for sig in 1..NSIG {
+                // SIGKILL, SIGSTOP and the C library's own signals refuse; that is fine.
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
             Ok(())
         });
     }
+}
+
+/// One past the highest signal number on Linux.
+const NSIG: libc::c_int = 65;
+
+/// Sends `signal` through a pidfd: it reaches the process the pidfd was
+/// opened for, or nobody (ESRCH) once that one is gone, never a process that
+/// reused its pid.
+pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: the syscall takes an fd we borrow, a signal number, a null
+    // siginfo pointer (allowed) and zero flags.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0 as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Bytes waiting in a socket's receive queue (SIOCINQ).
+pub(crate) fn bytes_readable(sock: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD (SIOCINQ) writes one int through the pointer, which is
+    // valid for writes; the fd is borrowed for the call.
+    cvt(unsafe { libc::ioctl(sock.as_raw_fd(), libc::FIONREAD, &mut n) })?;
+    Ok(n.max(0) as usize)
 }
 
 /// `pidfd_open(2)`: an fd that becomes readable when process `pid` exits.
@@ -185,7 +256,14 @@ pub(crate) struct Received {
 }
 
 /// Receives into `buf`, appending any fds (close-on-exec) to `fds` in order.
-pub(crate) fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut VecDeque<OwnedFd>) -> io::Result<Received> {
+/// At most `max_fds` fds are taken: the kernel closes any beyond them and
+/// reports `truncated`.
+pub(crate) fn recv_with_fds(
+    sock: RawFd,
+    buf: &mut [u8],
+    max_fds: usize,
+    fds: &mut VecDeque<OwnedFd>,
+) -> io::Result<Received> {
     // The kernel fills it; we read only the headers within the msg_controllen it reports.
     let mut cmsg = mem::MaybeUninit::<[u64; CMSG_WORDS]>::uninit();
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
@@ -194,8 +272,15 @@ pub(crate) fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut VecDeque<Owne
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cmsg.as_mut_ptr().cast();
-    msg.msg_controllen = mem::size_of_val(&cmsg) as _;
-    // SAFETY: iov covers `buf`, which we borrow mutably; the control buffer is ours.
+    // CMSG_LEN, not CMSG_SPACE: the kernel fits as many fds as the length
+    // allows, and the padding of CMSG_SPACE could hold one more.
+    let max_fds = max_fds.min(MAX_FDS_PER_CALL) as libc::c_uint;
+    // SAFETY: CMSG_LEN is a pure size computation.
+    let control = unsafe { libc::CMSG_LEN(max_fds * mem::size_of::<RawFd>() as libc::c_uint) } as usize;
+    debug_assert!(control <= mem::size_of_val(&cmsg));
+    msg.msg_controllen = control as _;
+    // SAFETY: iov covers `buf`, which we borrow mutably; the control buffer is
+    // ours and at least `control` bytes long.
     let n = cvt_size(unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT) })?;
     // SAFETY: after a successful recvmsg the kernel has written well-formed
     // cmsg headers within msg_controllen (which it set to what it wrote);

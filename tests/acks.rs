@@ -280,7 +280,7 @@ fn kill_9_fails_a_thousand_acks_exactly_once_while_another_worker_answers() {
     for (i, v) in outcomes.iter() {
         assert_eq!(v.len(), 1, "ack {i} resolved {} times", v.len());
         match &v[0] {
-            Err(AckError::Exited(s)) => assert_eq!(s.signal(), Some(libc::SIGKILL)),
+            Err(AckError::Exited(s)) => assert_eq!(s.status.and_then(|s| s.signal()), Some(libc::SIGKILL)),
             other => panic!("ack {i}: {other:?}"),
         }
     }
@@ -326,7 +326,7 @@ fn a_worker_that_dies_while_a_grandchild_holds_its_socket() {
     r.send_to(w, "die", &(), None).send().unwrap();
     util::poll_until(&mut r, SECS, |_| pending.is_done());
     let e = pending.take().unwrap().unwrap_err();
-    assert!(matches!(e, AckError::Exited(s) if s.code() == Some(3)), "{e:?}");
+    assert!(matches!(e, AckError::Exited(s) if s.status.and_then(|s| s.code()) == Some(3)), "{e:?}");
     assert!(r.workers().is_empty());
     let gc = grandchild.borrow().unwrap();
     // SAFETY: kill(2) on the pid our worker reported; it is our grandchild.

@@ -257,8 +257,10 @@ fn sending_to_an_exited_worker_is_an_error() {
     let ev = events.clone();
     r.on_worker_event(move |_r, _id, e| ev.borrow_mut().push(format!("{e:?}")));
     let w = r.spawn(util::worker_command("exit-now")).unwrap();
-    util::poll_until(&mut r, SECS, |r| r.workers().is_empty());
+    let evs = events.clone();
+    util::poll_until(&mut r, SECS, |_| evs.borrow().iter().any(|e| e.contains("Exited")));
     assert!(events.borrow().last().unwrap().contains("Exited"), "{:?}", events.borrow());
+    assert!(r.workers().is_empty());
     let e = r.send_to(w, "x", &1, None).send().unwrap_err();
     assert!(matches!(e.error, Error::UnknownWorker(id) if id == w));
     // An fd is handed back, still open.
@@ -487,7 +489,7 @@ fn a_worker_that_sends_and_exits_at_once_loses_nothing() {
     let ex = exited.clone();
     r.on_worker_event(move |_r, _id, e| {
         if let WorkerEvent::Exited(s) = e {
-            *ex.borrow_mut() = Some(*s)
+            *ex.borrow_mut() = s.status
         }
     });
     r.spawn(util::worker_command("burst-exit")).unwrap();
@@ -555,7 +557,7 @@ fn request_exit_kills_a_worker_that_ignores_it() {
     let st = status.clone();
     r.on_worker_event(move |_r, _id, e| {
         if let WorkerEvent::Exited(s) = e {
-            *st.borrow_mut() = Some(*s)
+            *st.borrow_mut() = s.status
         }
     });
     let polite = spawn_ready(&mut r, "general");
@@ -644,7 +646,7 @@ fn spawn_and_send_are_role_checked() {
     let st = status.clone();
     r.on_worker_event(move |_r, _id, e| {
         if let WorkerEvent::Exited(s) = e {
-            *st.borrow_mut() = Some(*s)
+            *st.borrow_mut() = s.status
         }
     });
     r.spawn(util::worker_command("roles")).unwrap();
@@ -720,7 +722,7 @@ fn exits_are_found_without_a_pidfd_too() {
     let st = status.clone();
     r.on_worker_event(move |_r, _id, e| {
         if let WorkerEvent::Exited(s) = e {
-            *st.borrow_mut() = Some(*s)
+            *st.borrow_mut() = s.status
         }
     });
     // Its grandchild keeps the channel open: no hang-up, only the waitpid checks see the exit.

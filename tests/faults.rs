@@ -356,7 +356,7 @@ fn half_frame_then_sigkill_fails_the_ack_exactly_once() {
     let got = outcomes.borrow().clone();
     assert_eq!(got.len(), 1, "exactly one outcome: {got:?}");
     assert!(
-        matches!(&got[0], Err(AckError::Exited(s)) if s.signal() == Some(libc::SIGKILL))
+        matches!(&got[0], Err(AckError::Exited(s)) if s.status.and_then(|s| s.signal()) == Some(libc::SIGKILL))
             || got[0] == Err(AckError::Disconnected),
         "{got:?}"
     );

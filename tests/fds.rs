@@ -418,7 +418,7 @@ fn fds_dropped_at_the_receivers_fd_limit_are_a_protocol_error_without_leaks() {
     let ex = exit.clone();
     r.on_worker_event(move |_r, _id, e| {
         if let clusterphone::WorkerEvent::Exited(s) = e {
-            *ex.borrow_mut() = Some(s.code());
+            *ex.borrow_mut() = Some(s.status.and_then(|s| s.code()));
         }
     });
     let w = ready_worker_with(&mut r, "emfile");

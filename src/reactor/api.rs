@@ -36,6 +36,11 @@ impl Reactor {
         F: FnMut(&mut Reactor, Message<T>) + 'static,
     {
         check_command(cmd)?;
+        // A master closes a worker that announces more: refuse here, where it is the caller's mistake.
+        let full = self.handlers.namespace_count() >= self.config.max_namespaces;
+        if self.role == Role::Worker && full && !self.handlers.has_namespace(ns) {
+            return Err(Error::TooManyNamespaces);
+        }
         let wrapped =
             Box::new(move |r: &mut Reactor, inc: Incoming<'_>| match crate::codec::decode_cbor::<T>(inc.payload) {
                 Ok(payload) => handler(r, Message { from: inc.from, payload, fd: inc.fd, reply: inc.responder }),
@@ -245,7 +250,7 @@ impl Reactor {
     pub(super) fn resolve(&self, target: Target) -> Result<usize, Error> {
         match (self.role, target) {
             (Role::Master, Target::Worker(id)) => match self.links.get(id.key as usize) {
-                Some(l) if l.id == id && l.conn.is_some() => Ok(id.key as usize),
+                Some(l) if l.id == id && l.conn.is_some() && l.exit.is_none() => Ok(id.key as usize),
                 _ => Err(Error::UnknownWorker(id)),
             },
             (Role::Worker, Target::Master) => match self.links.get(0) {
@@ -291,7 +296,7 @@ impl Reactor {
             return Err(SendError::new(Error::NotReady(id), fd));
         }
         let Some(conn) = link.conn.as_mut() else { return Err(SendError::new(Error::UnknownWorker(id), fd)) };
-        if conn.queued_bytes() >= max_bytes || (fd.is_some() && conn.queued_fds() >= max_fds) {
+        if conn.queued_mem() >= max_bytes || (fd.is_some() && conn.queued_fds() >= max_fds) {
             return Err(SendError::new(Error::QueueFull, fd));
         }
         let seq = link.next_seq;
@@ -306,17 +311,24 @@ impl Reactor {
             }
         };
         let size = buf.len() + tail.len();
-        if size > max_frame || size > max_bytes {
+        let charge = Conn::charge_of(&buf, &tail, done.is_some());
+        if size > max_frame || charge > max_bytes {
             conn.recycle(buf);
-            return Err(SendError::new(Error::FrameTooLarge { size, max: max_frame.min(max_bytes) }, fd));
+            let max = max_frame.min(max_bytes.saturating_sub(charge - size));
+            return Err(SendError::new(Error::FrameTooLarge { size, max }, fd));
+        }
+        if conn.queued_mem() + charge > max_bytes {
+            conn.recycle(buf);
+            return Err(SendError::new(Error::QueueFull, fd));
         }
         link.next_seq += 1;
-        let qseq = conn.push(buf, tail, fd);
-        if let Some(done) = done {
+        let deadline = done.as_ref().map(|_| after(timeout));
+        let qseq = conn.push(buf, tail, fd, deadline);
+        if let (Some(done), Some(deadline)) = (done, deadline) {
             let ack = self.acks.vacant_key();
             self.ack_serial += 1;
             let serial = self.ack_serial;
-            let timer = self.timers.insert(after(timeout), Timer::Ack(ack, serial));
+            let timer = self.timers.insert(deadline, Timer::Ack(ack, serial));
             self.acks.insert(PendingAck { serial, link: id, seq, qseq, timer, done });
             link.pending.insert(seq, ack);
         }
@@ -391,6 +403,7 @@ impl Reactor {
             }
             Err(e) => self.broken.push((id, e)),
         }
+        self.maybe_resume(key);
     }
 
     pub(super) fn flush_dirty(&mut self) {
@@ -413,7 +426,7 @@ impl Reactor {
                 continue;
             }
             let Some(conn) = link.conn.as_mut() else { continue };
-            conn.push(buf, tail, None);
+            conn.push(buf, tail, None, None);
             // Hand a written buffer back for the next reply: replies are encoded
             // by responders, outside any connection's pool.
             let spare = conn.spare_buffer();
@@ -452,13 +465,13 @@ impl Reactor {
         let mut buf = conn.buffer();
         let env = Envelope { kind, flags: 0, nfds: 0, seq: 0, ns, cmd: "" };
         if codec::encode(&mut buf, env, body).is_ok() {
-            conn.push(buf, Vec::new(), None);
+            conn.push(buf, Vec::new(), None, None);
             self.after_push(key);
         }
     }
 }
 
-fn check_timeout(t: Duration) -> Result<Duration, Error> {
+pub(crate) fn check_timeout(t: Duration) -> Result<Duration, Error> {
     if t.is_zero() || t > MAX_TIMEOUT {
         Err(Error::InvalidTimeout)
     } else {

@@ -11,20 +11,29 @@ impl Reactor {
     /// such a short read means the receive queue was empty, and any later data
     /// raises a new epoll edge, so the usual extra `recvmsg` (EAGAIN) would be
     /// wasted. A read that brought fds may have stopped early, so it reads on.
+    ///
+    /// Reading stops while our queue to the peer is over its limit (it resumes
+    /// from `flush_link` once the queue drains). An exited worker's socket is
+    /// read only as far as it held bytes when the exit was seen; then the
+    /// exit is reported.
     pub(super) fn read_link(&mut self, key: usize, stop_when_drained: bool) {
-        let mut budget = self.config.frames_per_poll.max(1);
+        let mut budget = self.config.frames_per_poll;
         let mut dispatched = false;
         let mut stop_after_dispatch = false;
         loop {
             if self.panic.is_some() {
-                self.backlog.push(key);
+                self.push_backlog(key);
                 return;
             }
             let Some(link) = self.links.get_mut(key) else { return };
             let id = link.id;
+            if link.paused && link.exit.is_none() {
+                return;
+            }
             let Some(conn) = link.conn.as_mut() else { return };
             let mut decoder = std::mem::replace(&mut conn.decoder, codec::Decoder::new(0, 0));
             let mut failure = None;
+            let mut over_limit = false;
             loop {
                 if budget == 0 || self.panic.is_some() {
                     break;
@@ -41,6 +50,10 @@ impl Reactor {
                         if !self.link_alive(key, id) {
                             return;
                         }
+                        if self.over_limit(key) {
+                            over_limit = true;
+                            break;
+                        }
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -56,8 +69,12 @@ impl Reactor {
             }
             let Some(conn) = self.links.get_mut(key).and_then(|l| l.conn.as_mut()) else { return };
             conn.decoder = decoder;
+            self.sync_fds(key);
+            if over_limit {
+                self.pause(key);
+            }
             if budget == 0 || self.panic.is_some() {
-                self.backlog.push(key);
+                self.push_backlog(key);
                 return;
             }
             if dispatched {
@@ -67,35 +84,47 @@ impl Reactor {
                 self.flush_dirty();
                 dispatched = false;
             }
-            if stop_after_dispatch {
+            if over_limit || stop_after_dispatch || !self.link_alive(key, id) {
                 return;
             }
-            let Some(conn) = self.links.get_mut(key).and_then(|l| l.conn.as_mut()) else { return };
+            let draining = self.links[key].exit.is_some();
+            if draining && self.links[key].drain_left == 0 {
+                self.finish_exit(key);
+                return;
+            }
+            let fd_room = self.fd_room(key);
+            if !self.link_alive(key, id) {
+                return;
+            }
+            let link = &mut self.links[key];
+            let max_bytes = if draining { link.drain_left } else { usize::MAX };
+            let Some(conn) = link.conn.as_mut() else { return };
             let bytes_before = conn.bytes_read;
-            let r = conn.read();
-            self.stats.bytes_read += conn.bytes_read - bytes_before;
+            let r = conn.read(max_bytes, fd_room);
+            let got = (conn.bytes_read - bytes_before) as usize;
+            self.stats.bytes_read += got as u64;
+            link.drain_left = link.drain_left.saturating_sub(got);
+            self.sync_fds(key);
             match r {
                 Ok(Read::Data { drained }) => {
-                    if drained && stop_when_drained {
+                    if drained && stop_when_drained && !draining {
                         stop_after_dispatch = true;
                     }
                     continue;
                 }
-                Ok(Read::WouldBlock) => return,
+                Ok(Read::WouldBlock) if draining => self.finish_exit(key),
+                Ok(Read::WouldBlock) => {}
                 Ok(Read::Eof) => {
-                    let mid = conn.decoder.is_mid_frame();
+                    let mid = self.links[key].conn.as_ref().is_some_and(|c| c.decoder.is_mid_frame());
                     if mid {
                         self.stats.protocol_errors += 1;
                         self.hangup(key, DisconnectReason::Protocol(ProtocolError::Truncated));
                     } else {
                         self.hangup(key, DisconnectReason::Hangup);
                     }
-                    return;
                 }
-                Ok(Read::FdsLost) => {
-                    self.protocol_error(key, ProtocolError::MissingFds);
-                    return;
-                }
+                Ok(Read::FdsLost) => self.protocol_error(key, ProtocolError::MissingFds),
+                Ok(Read::TooManyFds) => self.protocol_error(key, ProtocolError::TooManyFdsInFlight),
                 Err(e) => {
                     let reason = if e.kind() == io::ErrorKind::ConnectionReset {
                         DisconnectReason::Hangup
@@ -103,10 +132,78 @@ impl Reactor {
                         DisconnectReason::Io(e)
                     };
                     self.hangup(key, reason);
-                    return;
                 }
             }
+            return;
         }
+    }
+
+    /// Queues `key` to be read by the next turn, once.
+    pub(super) fn push_backlog(&mut self, key: usize) {
+        if !self.backlog.contains(&key) {
+            self.backlog.push(key);
+        }
+    }
+
+    /// Our queue to this live peer holds more than `max_queue_bytes`.
+    pub(super) fn over_limit(&self, key: usize) -> bool {
+        self.links.get(key).is_some_and(|l| {
+            l.exit.is_none() && l.conn.as_ref().is_some_and(|c| c.queued_mem() > self.config.max_queue_bytes)
+        })
+    }
+
+    /// Stops reading from a peer whose queue is over its limit: it blocks on
+    /// its own writes until it reads what we queued for it.
+    fn pause(&mut self, key: usize) {
+        if let Some(link) = self.links.get_mut(key) {
+            if !link.paused {
+                link.paused = true;
+                self.stats.read_pauses += 1;
+            }
+        }
+    }
+
+    /// Resumes reading from a paused peer once its queue is back under the limit.
+    pub(super) fn maybe_resume(&mut self, key: usize) {
+        if self.links.get(key).is_some_and(|l| l.paused) && !self.over_limit(key) {
+            self.links[key].paused = false;
+            // What it wrote meanwhile raised no new edge: read it next turn.
+            self.push_backlog(key);
+        }
+    }
+
+    /// Brings the count of fds held by `key`'s decoder (and the total) up to date.
+    pub(super) fn sync_fds(&mut self, key: usize) {
+        let Some(link) = self.links.get_mut(key) else { return };
+        let held = link.conn.as_ref().map_or(0, |c| c.decoder.waiting_fds());
+        self.fds_held = self.fds_held - link.fds_held + held;
+        link.fds_held = held;
+        if held == 0 {
+            link.fds_held_since = None;
+        } else if link.fds_held_since.is_none() {
+            link.fds_held_since = Some(Instant::now());
+        }
+    }
+
+    /// How many fds the next read on `key` may take: its own room, after
+    /// making room among all links by closing the one that has held
+    /// unclaimed fds the longest (a peer parking fds; maybe `key` itself).
+    fn fd_room(&mut self, key: usize) -> usize {
+        let want = self.config.max_received_fds.saturating_sub(self.links[key].fds_held);
+        while self.fds_held + want > self.config.max_received_fds_total {
+            let oldest = self
+                .links
+                .iter()
+                .filter(|(_, l)| l.fds_held > 0)
+                .min_by_key(|(_, l)| l.fds_held_since)
+                .map(|(k, _)| k);
+            let Some(hog) = oldest else { break };
+            self.protocol_error(hog, ProtocolError::TooManyFdsInFlight);
+            if hog == key || self.links.get(hog).is_some_and(|l| l.fds_held > 0) {
+                return 0;
+            }
+        }
+        want
     }
 
     pub(super) fn link_alive(&self, key: usize, id: WorkerId) -> bool {
@@ -148,9 +245,14 @@ impl Reactor {
                 if self.role != Role::Master || !self.links[key].ready {
                     return Err(ProtocolError::UnexpectedFrame("namespace"));
                 }
+                check_peer_namespace(frame.ns)?;
+                let max = self.config.max_namespaces;
                 let link = &mut self.links[key];
-                if !link.namespaces.iter().any(|n| n == frame.ns) {
-                    link.namespaces.push(frame.ns.to_owned());
+                if !link.namespaces.contains(frame.ns) {
+                    if link.namespaces.len() >= max {
+                        return Err(ProtocolError::TooManyNamespaces);
+                    }
+                    link.namespaces.insert(frame.ns.to_owned());
                 }
                 Ok(())
             }
@@ -207,8 +309,22 @@ impl Reactor {
     }
 
     pub(super) fn dispatch_hello(&mut self, key: usize, frame: Frame<'_>) -> Result<(), ProtocolError> {
-        let (version, namespaces): (u32, Vec<String>) =
+        // Bounded before decoding: a hello of empty strings would otherwise
+        // cost 24 bytes of heap per byte of frame.
+        let max = self.config.max_namespaces;
+        if frame.payload.len() > 16 + max * (MAX_NAMESPACE_LEN + 2) {
+            return Err(ProtocolError::TooManyNamespaces);
+        }
+        let (version, names): (u32, Vec<String>) =
             ciborium::from_reader(frame.payload).map_err(|e| ProtocolError::BadControl(e.to_string()))?;
+        if names.len() > max {
+            return Err(ProtocolError::TooManyNamespaces);
+        }
+        let mut namespaces = BTreeSet::new();
+        for name in names {
+            check_peer_namespace(&name)?;
+            namespaces.insert(name);
+        }
         match self.role {
             Role::Master => {
                 let link = &mut self.links[key];
@@ -293,6 +409,7 @@ impl Reactor {
                         if let Some(conn) = link.conn.as_mut() {
                             conn.cancel(qseq);
                         }
+                        self.maybe_resume(link_id.key as usize);
                     }
                     self.settle(ack, Err(AckError::Timeout));
                 }
@@ -307,9 +424,7 @@ impl Reactor {
                 Timer::Kill(id) => {
                     if let Some(link) = self.links.get_mut(id.key as usize).filter(|l| l.id == id) {
                         link.kill_timer = None;
-                        if let Some(child) = link.child.as_mut() {
-                            let _ = child.kill();
-                        }
+                        let _ = link.kill_child();
                     }
                 }
                 Timer::Reap(id) => {
@@ -328,4 +443,12 @@ impl Reactor {
         }
         self.fired = fired;
     }
+}
+
+/// A namespace name as a peer announces it: not empty, not too long.
+fn check_peer_namespace(name: &str) -> Result<(), ProtocolError> {
+    if name.is_empty() || name.len() > MAX_NAMESPACE_LEN {
+        return Err(ProtocolError::BadName);
+    }
+    Ok(())
 }

@@ -23,6 +23,11 @@ impl Reactor {
         if self.role == Role::Worker && self.worker_error.is_none() {
             self.worker_error = Some(Error::Protocol(e.clone()));
         }
+        if self.links.get(key).is_some_and(|l| l.exit.is_some()) {
+            // An exited worker's last bytes: its exit is what gets reported.
+            self.finish_exit(key);
+            return;
+        }
         self.link_down(key, Down::Closed(DisconnectReason::Protocol(e)));
     }
 
@@ -30,11 +35,13 @@ impl Reactor {
     /// plain disconnection: the socket often closes a moment before the
     /// process can be reaped, so wait `hangup_grace` for it.
     pub(super) fn hangup(&mut self, key: usize, reason: DisconnectReason) {
-        if self.role == Role::Master {
-            // The end of the stream of a process whose exit is being reported: check_exit closes it.
-            if self.links.get(key).is_some_and(|l| l.draining) || self.check_exit(key) {
-                return;
-            }
+        if self.links.get(key).is_some_and(|l| l.exit.is_some()) {
+            // The end of an exited worker's stream: everything it wrote is read.
+            self.finish_exit(key);
+            return;
+        }
+        if self.role == Role::Master && self.check_exit(key) {
+            return;
         }
         let grace = self.config.hangup_grace;
         let Some(link) = self.links.get_mut(key) else { return };
@@ -42,70 +49,80 @@ impl Reactor {
             matches!(reason, DisconnectReason::Hangup | DisconnectReason::Protocol(ProtocolError::Truncated));
         if self.role == Role::Master && link.child.is_some() && peer_gone {
             link.hangup_reason = Some(reason);
-            if let Some(mut conn) = link.conn.take() {
-                let _ = self.poll.registry().deregister(&mut conn.stream);
-            }
+            let id = link.id;
             if link.hangup_timer.is_none() {
-                link.hangup_timer = Some(self.timers.insert(after(grace), Timer::Hangup(link.id)));
+                link.hangup_timer = Some(self.timers.insert(after(grace), Timer::Hangup(id)));
             }
+            self.close_conn(key);
             return;
         }
         self.link_down(key, Down::Closed(reason));
     }
 
-    /// Reaps the child of link `key` if it has exited; returns whether it had.
-    pub(crate) fn check_exit(&mut self, key: usize) -> bool {
+    /// Takes a link's channel out of the poll set and drops it (closing every
+    /// queued and received fd), keeping the count of held fds exact.
+    pub(crate) fn close_conn(&mut self, key: usize) -> bool {
         let Some(link) = self.links.get_mut(key) else { return false };
-        let Some(child) = link.child.as_mut() else { return false };
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                let id = link.id;
-                if link.conn.is_some() && !link.draining {
-                    link.draining = true;
-                    self.read_what_the_dead_wrote(key, id);
-                }
-                // A handler run meanwhile may have spawned a worker into a freed key.
-                if self.links.get(key).is_some_and(|l| l.id == id) {
-                    self.link_down(key, Down::Exited(status));
-                }
-                true
-            }
-            _ => false,
-        }
+        let Some(mut conn) = link.conn.take() else { return false };
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        self.fds_held -= link.fds_held;
+        link.fds_held = 0;
+        link.fds_held_since = None;
+        link.paused = false;
+        true
     }
 
-    /// The process is gone, so everything it wrote is already in the socket
-    /// (a grandchild holding the channel aside): dispatch it all, past the
-    /// fairness budget, before the exit fails the acks and drops the channel.
-    fn read_what_the_dead_wrote(&mut self, key: usize, id: WorkerId) {
-        loop {
-            let progress = |r: &Reactor| (r.stats.frames_read, r.stats.bytes_read);
-            let before = progress(self);
-            self.read_link(key, false);
-            self.backlog.retain(|&k| k != key);
-            if self.panic.is_some() || !self.link_alive(key, id) || progress(self) == before {
-                return;
-            }
+    /// Checks whether the child of link `key` has exited; returns whether it
+    /// had. From then on the worker is not ready and refuses sends; what it
+    /// wrote is still read (at most the bytes its socket held then, so a
+    /// grandchild writing on an inherited channel cannot keep us reading),
+    /// and only then are its acks failed and its exit reported.
+    pub(crate) fn check_exit(&mut self, key: usize) -> bool {
+        let Some(link) = self.links.get_mut(key) else { return false };
+        if link.exit.is_some() {
+            return true;
         }
+        let Some(child) = link.child.as_mut() else { return false };
+        let Some(status) = exit_status(child) else { return false };
+        link.exit = Some(Exit { status, requested: link.exit_requested });
+        if let Some(pidfd) = link.pidfd.take() {
+            let raw = pidfd.as_raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
+        }
+        match link.conn.as_ref() {
+            Some(conn) => {
+                link.drain_left = sys::bytes_readable(conn.stream.as_fd()).unwrap_or(0);
+                self.push_backlog(key);
+            }
+            None => self.finish_exit(key),
+        }
+        true
+    }
+
+    /// Reports the exit of a worker whose last frames have been read.
+    pub(super) fn finish_exit(&mut self, key: usize) {
+        let Some(exit) = self.links.get(key).and_then(|l| l.exit) else { return };
+        self.link_down(key, Down::Exited(exit));
     }
 
     /// Takes a link down: closes its channel, fails its pending acks exactly
-    /// once, and tells the user. An exited link is removed altogether.
+    /// once, and tells the user. An exited link is removed first, so that
+    /// callbacks never see the dead worker as one to send to.
     pub(super) fn link_down(&mut self, key: usize, down: Down) {
         let Some(link) = self.links.get_mut(key) else { return };
         let id = link.id;
         let was_connected = link.conn.is_some() || link.hangup_timer.is_some();
-        if let Some(mut conn) = link.conn.take() {
-            let _ = self.poll.registry().deregister(&mut conn.stream);
-            // Dropping the conn closes every queued and received fd.
-        }
-        for t in [link.hangup_timer.take(), link.retry_timer.take()].into_iter().flatten() {
+        let timers = [link.hangup_timer.take(), link.retry_timer.take()];
+        self.close_conn(key);
+        for t in timers.into_iter().flatten() {
             self.timers.cancel(t);
         }
+        self.backlog.retain(|&k| k != key);
+        let link = &mut self.links[key];
         let mut pending: Vec<(u64, usize)> = link.pending.drain().collect();
         pending.sort_unstable();
         let outcome = match &down {
-            Down::Exited(status) => AckError::Exited(*status),
+            Down::Exited(exit) => AckError::Exited(*exit),
             Down::Closed(_) => AckError::Disconnected,
         };
         if let Down::Exited(_) = down {
@@ -126,7 +143,7 @@ impl Reactor {
         }
         if self.role == Role::Master {
             match down {
-                Down::Exited(status) => self.worker_event(id, WorkerEvent::Exited(status)),
+                Down::Exited(exit) => self.worker_event(id, WorkerEvent::Exited(exit)),
                 Down::Closed(reason) if was_connected => self.worker_event(id, WorkerEvent::Disconnected(reason)),
                 Down::Closed(_) => {}
             }

@@ -52,8 +52,10 @@ impl Reactor {
 
     // ----- master side ----------------------------------------------------
 
-    /// The workers this master knows of: running, starting, or disconnected
-    /// but not yet reaped.
+    /// The workers this master knows of: running, starting, disconnected
+    /// but not yet reaped, or exited with their last frames still being read
+    /// (not ready: sends to them are refused). A worker leaves this list
+    /// before its pending acks fail and its `Exited` event is reported.
     pub fn workers(&self) -> Vec<WorkerId> {
         self.links.iter().map(|(_, l)| l.id).collect()
     }
@@ -62,9 +64,10 @@ impl Reactor {
         self.links.get(id.key as usize).filter(|l| l.id == id && self.role == Role::Master)
     }
 
-    /// Whether `worker` has said hello (messages to it are written, not held).
+    /// Whether `worker` has said hello (messages to it are written, not held)
+    /// and is still connected and running.
     pub fn is_ready(&self, worker: WorkerId) -> bool {
-        self.link(worker).is_some_and(|l| l.ready && l.conn.is_some())
+        self.link(worker).is_some_and(|l| l.ready && l.conn.is_some() && l.exit.is_none())
     }
 
     /// The worker's process id.
@@ -74,7 +77,7 @@ impl Reactor {
 
     /// Namespaces the worker has handlers in, as it announced them.
     pub fn worker_namespaces(&self, worker: WorkerId) -> Vec<String> {
-        self.link(worker).map(|l| l.namespaces.clone()).unwrap_or_default()
+        self.link(worker).map(|l| l.namespaces.iter().cloned().collect()).unwrap_or_default()
     }
 
     /// Frames and bytes waiting in the write queue to `worker`.
@@ -99,11 +102,16 @@ impl Reactor {
         self.links.get(0).and_then(|l| l.conn.as_ref()).map(|c| (c.queued_frames(), c.queued_bytes()))
     }
 
-    /// Sends SIGKILL to `worker`. Its exit is reported by a later `poll`.
+    /// Sends SIGKILL to `worker`. Its exit is reported by a later `poll`,
+    /// as a requested one ([`Exit::requested`](crate::Exit::requested)).
+    ///
+    /// The signal goes through the worker's pidfd, so it can never reach
+    /// another process that reused the pid of a worker reaped elsewhere.
     pub fn kill(&mut self, worker: WorkerId) -> Result<(), Error> {
-        let link = self.links.get_mut(worker.key as usize).filter(|l| l.id == worker);
-        let child = link.and_then(|l| l.child.as_mut()).ok_or(Error::UnknownWorker(worker))?;
-        child.kill()?;
+        let link = self.links.get_mut(worker.key as usize).filter(|l| l.id == worker && l.child.is_some());
+        let link = link.ok_or(Error::UnknownWorker(worker))?;
+        link.exit_requested = true;
+        link.kill_child()?;
         Ok(())
     }
 
@@ -124,6 +132,7 @@ impl Reactor {
         }
         self.push_control(key, Kind::Exit, "", &());
         let link = &mut self.links[key];
+        link.exit_requested = true;
         if link.kill_timer.is_none() {
             link.kill_timer = Some(self.timers.insert(after(grace), Timer::Kill(worker)));
         }
@@ -131,7 +140,10 @@ impl Reactor {
     }
 
     /// Asks every worker to exit, polls until all have exited (killing those
-    /// still running after `grace`), and reaps them all.
+    /// still running after `grace`), and reaps them all. Their exits are
+    /// reported as requested ones; `spawn` is refused meanwhile
+    /// ([`Error::ShuttingDown`]), so a hook that respawns crashed workers
+    /// neither prolongs nor undoes a shutdown.
     ///
     /// ```no_run
     /// # use std::time::Duration;
@@ -147,6 +159,13 @@ impl Reactor {
         if self.role != Role::Master {
             return Err(Error::WrongRole);
         }
+        self.shutting_down = true;
+        let result = self.shut_down(grace);
+        self.shutting_down = false;
+        result
+    }
+
+    fn shut_down(&mut self, grace: Duration) -> Result<(), Error> {
         for id in self.workers() {
             self.request_exit(id, grace)?;
         }
@@ -160,14 +179,17 @@ impl Reactor {
 
     /// Kills and reaps every child still known (used by `shutdown` and `Drop`).
     pub(super) fn reap_all(&mut self) {
-        for (_, link) in self.links.iter_mut() {
-            link.conn = None;
+        let keys: Vec<usize> = self.links.iter().map(|(k, _)| k).collect();
+        for &key in &keys {
+            self.close_conn(key);
+            let link = &mut self.links[key];
+            link.exit_requested = true;
+            let _ = link.kill_child();
             if let Some(child) = link.child.as_mut() {
-                let _ = child.kill();
+                // ECHILD (reaped elsewhere) returns at once.
                 let _ = child.wait();
             }
         }
-        let keys: Vec<usize> = self.links.iter().map(|(k, _)| k).collect();
         for key in keys {
             let link = self.links.remove(key);
             let mut pending: Vec<(u64, usize)> = link.pending.into_iter().collect();
@@ -192,13 +214,16 @@ impl Drop for Reactor {
         }
         let deadline = after(self.config.hangup_grace);
         loop {
-            let running = self
-                .links
-                .iter_mut()
-                .filter_map(|(_, l)| l.child.as_mut())
-                .map(|c| !matches!(c.try_wait(), Ok(Some(_))))
-                .filter(|&running| running)
-                .count();
+            let mut running = 0;
+            for (_, link) in self.links.iter_mut() {
+                if link.exit.is_none() {
+                    match link.child.as_mut().map(exit_status) {
+                        Some(Some(status)) => link.exit = Some(Exit { status, requested: true }),
+                        Some(None) => running += 1,
+                        None => {}
+                    }
+                }
+            }
             if running == 0 || Instant::now() >= deadline {
                 break;
             }
@@ -206,9 +231,9 @@ impl Drop for Reactor {
         }
         // Callbacks must not run during drop; outcomes are discarded.
         for (_, link) in self.links.iter_mut() {
-            if let Some(child) = link.child.as_mut() {
-                if !matches!(child.try_wait(), Ok(Some(_))) {
-                    let _ = child.kill();
+            if link.exit.is_none() {
+                let _ = link.kill_child();
+                if let Some(child) = link.child.as_mut() {
                     let _ = child.wait();
                 }
             }

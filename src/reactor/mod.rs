@@ -3,12 +3,12 @@
 
 use std::any::Any;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
-use std::process::{Child, ExitStatus};
+use std::process::Child;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,8 @@ use slab::Slab;
 use crate::ack::{fail_to_error, Completion, Outbox, Outcome, Outgoing, Responder, SendOptions, Target};
 use crate::codec::{self, fail, Envelope, Frame, Kind, PROTOCOL_VERSION};
 use crate::conn::{Conn, Flushed, Read};
-use crate::error::{AckError, Error, ProtocolError, SendError};
+use crate::config::{MAX_NAMESPACE_LEN, MAX_TIMEOUT};
+use crate::error::{AckError, Error, Exit, ProtocolError, SendError};
 use crate::handlers::{check_command, check_namespace, Handlers, Incoming, Lookup, DEFAULT_NAMESPACE};
 use crate::sys;
 use crate::timer::{after, TimerKey, Wheel};
@@ -32,8 +33,6 @@ mod dispatch;
 mod failure;
 mod master;
 
-/// Longest ack timeout accepted; anything longer is surely a unit mistake.
-const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// How often children without a pidfd are checked for exit.
 const REAP_INTERVAL: Duration = Duration::from_millis(20);
 /// Retry delay after ETOOMANYREFS.
@@ -52,7 +51,12 @@ pub enum WorkerEvent {
     Disconnected(DisconnectReason),
     /// The process ended and was reaped. Pending acks (if any were left)
     /// failed with [`AckError::Exited`]. The worker id is no longer valid.
-    Exited(ExitStatus),
+    ///
+    /// From the moment the exit is seen, the worker is no longer ready and
+    /// sends to it are refused; what it wrote before it died is still
+    /// dispatched (replies settle their acks), then its pending acks fail,
+    /// then this event is reported.
+    Exited(Exit),
 }
 
 /// Why a channel closed.
@@ -118,14 +122,23 @@ pub(crate) struct Link {
     pub(crate) ready: bool,
     pending: SeqMap,
     next_seq: u64,
-    pub(crate) namespaces: Vec<String>,
+    pub(crate) namespaces: BTreeSet<String>,
     dirty: bool,
     hangup_timer: Option<TimerKey>,
     hangup_reason: Option<DisconnectReason>,
     kill_timer: Option<TimerKey>,
     retry_timer: Option<TimerKey>,
-    /// The process has exited and what it wrote is being read before the exit is reported.
-    draining: bool,
+    /// The master asked this worker to exit (or killed it).
+    exit_requested: bool,
+    /// The process has exited: what it wrote (`drain_left` bytes more) is
+    /// being read before the exit is reported.
+    exit: Option<Exit>,
+    drain_left: usize,
+    /// Reading is paused: our queue to this peer is over `max_queue_bytes`.
+    paused: bool,
+    /// Received fds not yet claimed by a frame, as last counted, and since when.
+    fds_held: usize,
+    fds_held_since: Option<Instant>,
 }
 
 impl Link {
@@ -138,14 +151,53 @@ impl Link {
             ready,
             pending: SeqMap::default(),
             next_seq: 1,
-            namespaces: Vec::new(),
+            namespaces: BTreeSet::new(),
             dirty: false,
             hangup_timer: None,
             hangup_reason: None,
             kill_timer: None,
             retry_timer: None,
-            draining: false,
+            exit_requested: false,
+            exit: None,
+            drain_left: 0,
+            paused: false,
+            fds_held: 0,
+            fds_held_since: None,
         }
+    }
+
+    /// Sends SIGKILL to the child, through its pidfd where there is one, so
+    /// that a process reaped behind our back (SIGCHLD ignored, a `waitpid(-1)`
+    /// elsewhere) is never confused with whoever reused its pid.
+    pub(crate) fn kill_child(&mut self) -> io::Result<()> {
+        if self.exit.is_some() {
+            return Ok(());
+        }
+        let Some(child) = self.child.as_mut() else { return Ok(()) };
+        if let Some(pidfd) = &self.pidfd {
+            return match sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL) {
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+                other => other,
+            };
+        }
+        // No pidfd (Linux < 5.3): signal only a child that waitpid says is
+        // still ours and running. (A reap elsewhere between the two calls
+        // cannot be ruled out without a pidfd.)
+        match child.try_wait() {
+            Ok(None) => child.kill(),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What `waitpid` says of a child: `Some(status)` once it has exited; ECHILD
+/// (reaped by someone else) is an exit whose status is unknown.
+fn exit_status(child: &mut Child) -> Option<Option<std::process::ExitStatus>> {
+    match child.try_wait() {
+        Ok(Some(status)) => Some(Some(status)),
+        Ok(None) => None,
+        Err(e) if e.raw_os_error() == Some(libc::ECHILD) => Some(None),
+        Err(_) => None,
     }
 }
 
@@ -168,7 +220,7 @@ enum Timer {
 }
 
 enum Down {
-    Exited(ExitStatus),
+    Exited(Exit),
     Closed(DisconnectReason),
 }
 
@@ -223,6 +275,12 @@ pub struct Reactor {
     timer_fd: Option<OwnedFd>,
     /// When `timer_fd` expires (it may wake us early: we then wait on).
     timer_armed: Option<Instant>,
+    /// Received fds held by all links' decoders (the sum of `Link::fds_held`).
+    fds_held: usize,
+    /// The last `epoll_wait` filled `events`: more may be ready.
+    more_events: bool,
+    /// `shutdown` is running: no spawns.
+    pub(crate) shutting_down: bool,
     // Worker side.
     pub(crate) my_id: Option<WorkerId>,
     hello_sent: bool,
@@ -232,6 +290,7 @@ pub struct Reactor {
 
 impl Reactor {
     pub(crate) fn new(role: Role, config: Config) -> Result<Reactor, Error> {
+        config.validate()?;
         let outbox = Outbox { frames: Vec::new(), max_frame: config.max_frame, spare: Vec::new() };
         let poll = Poll::new()?;
         // Without a timerfd (a sandbox may refuse it), waits pass their timeout to epoll.
@@ -263,6 +322,9 @@ impl Reactor {
             panic: None,
             timer_fd,
             timer_armed: None,
+            fds_held: 0,
+            more_events: false,
+            shutting_down: false,
             my_id: None,
             hello_sent: false,
             worker_error: None,
@@ -287,7 +349,7 @@ impl Reactor {
                 return Err(e.into());
             }
         }
-        if let Some(pidfd) = &link.pidfd {
+        if let (Some(pidfd), false) = (&link.pidfd, self.config.exit_polling) {
             let raw = pidfd.as_raw_fd();
             if let Err(e) = self.poll.registry().register(&mut SourceFd(&raw), Token(key << 1 | 1), Interest::READABLE)
             {
@@ -363,13 +425,25 @@ impl Reactor {
         Ok(())
     }
 
+    /// Work `poll` can do without waiting: frames buffered past the budget,
+    /// failures to report, replies or frames not yet written, events the last
+    /// wait could not take, a worker's hello not yet sent.
     fn pending_work(&self) -> bool {
-        !self.backlog.is_empty() || !self.broken.is_empty() || !self.outbox.borrow().frames.is_empty()
+        !self.backlog.is_empty()
+            || !self.broken.is_empty()
+            || !self.dirty.is_empty()
+            || self.more_events
+            || !self.outbox.borrow().frames.is_empty()
+            || (self.role == Role::Worker && !self.hello_sent && !self.master_gone)
     }
 
-    /// When `poll` next has something to do without new I/O: now, if frames
-    /// are buffered; else the next timer; `None` if only I/O can wake it.
-    /// With [`AsRawFd`], this lets a caller nest the reactor in its own loop.
+    /// When `poll` next has something to do without new I/O: now, if it has
+    /// work it has not done (frames buffered past the per-poll budget, more
+    /// ready channels than one poll takes, frames not yet written, a worker's
+    /// hello not yet sent); else the next timer; `None` if only I/O can wake
+    /// it. With [`AsRawFd`], this lets a caller nest the reactor in its own
+    /// loop, level- or edge-triggered: call `poll(Some(Duration::ZERO))` when
+    /// the fd is readable or this deadline has come, and ask again after.
     /// It also disarms the timer a blocking `poll` may have left set, so the
     /// fd then becomes readable only for I/O.
     ///
@@ -552,7 +626,10 @@ impl Reactor {
     }
 
     fn poll_io(&mut self, wait: Option<Duration>) -> io::Result<()> {
-        self.poll.poll(&mut self.events, wait)
+        let r = self.poll.poll(&mut self.events, wait);
+        // A full batch may leave events behind, which raise no new edge.
+        self.more_events = r.is_ok() && self.events.iter().count() >= self.events.capacity();
+        r
     }
 
     fn poll_io_retrying(&mut self, mut wait: Option<Duration>, deadline: Option<Instant>) -> Result<(), Error> {
@@ -583,9 +660,9 @@ impl AsFd for Reactor {
 }
 
 /// Kills and reaps a child whose link could not be set up: no orphan, no zombie.
-fn reap_now(link: &mut Link) {
+pub(crate) fn reap_now(link: &mut Link) {
+    let _ = link.kill_child();
     if let Some(mut child) = link.child.take() {
-        let _ = child.kill();
         let _ = child.wait();
     }
 }

@@ -65,7 +65,7 @@ impl Master {
                 WorkerEvent::Disconnected(DisconnectReason::Protocol(p)) => Ev::Protocol(p.clone()),
                 WorkerEvent::Disconnected(DisconnectReason::Hangup) => Ev::Hangup,
                 WorkerEvent::Disconnected(DisconnectReason::Io(e)) => Ev::Io(e.to_string()),
-                WorkerEvent::Exited(s) => Ev::Exited(*s),
+                WorkerEvent::Exited(s) => Ev::Exited(s.status.expect("exit status")),
                 other => Ev::Other(format!("{other:?}")),
             };
             log.borrow_mut().push((id, ev));
