@@ -191,12 +191,8 @@ impl Reactor {
     fn fd_room(&mut self, key: usize) -> usize {
         let want = self.config.max_received_fds.saturating_sub(self.links[key].fds_held);
         while self.fds_held + want > self.config.max_received_fds_total {
-            let oldest = self
-                .links
-                .iter()
-                .filter(|(_, l)| l.fds_held > 0)
-                .min_by_key(|(_, l)| l.fds_held_since)
-                .map(|(k, _)| k);
+            let oldest =
+                self.links.iter().filter(|(_, l)| l.fds_held > 0).min_by_key(|(_, l)| l.fds_held_since).map(|(k, _)| k);
             let Some(hog) = oldest else { break };
             self.protocol_error(hog, ProtocolError::TooManyFdsInFlight);
             if hog == key || self.links.get(hog).is_some_and(|l| l.fds_held > 0) {

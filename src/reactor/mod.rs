@@ -20,8 +20,8 @@ use slab::Slab;
 
 use crate::ack::{fail_to_error, Completion, Outbox, Outcome, Outgoing, Responder, SendOptions, Target};
 use crate::codec::{self, fail, Envelope, Frame, Kind, PROTOCOL_VERSION};
-use crate::conn::{Conn, Flushed, Read};
 use crate::config::{MAX_NAMESPACE_LEN, MAX_TIMEOUT};
+use crate::conn::{Conn, Flushed, Read};
 use crate::error::{AckError, Error, Exit, ProtocolError, SendError};
 use crate::handlers::{check_command, check_namespace, Handlers, Incoming, Lookup, DEFAULT_NAMESPACE};
 use crate::sys;
@@ -537,10 +537,16 @@ impl Reactor {
         }
         let backlog = std::mem::take(&mut self.backlog);
         let events = std::mem::take(&mut self.ready_events);
+        // Exits first: a worker seen dead in this turn is not ready (and
+        // refuses sends) before any handler of its last frames runs.
+        for &(token, ..) in &events {
+            if token & 1 == 1 {
+                self.check_exit(token >> 1);
+            }
+        }
         for &(token, readable, writable, closed) in &events {
             let key = token >> 1;
             if token & 1 == 1 {
-                self.check_exit(key);
                 continue;
             }
             if writable {
@@ -568,6 +574,7 @@ impl Reactor {
         self.handle_broken();
         self.drain_outbox();
         self.flush_dirty();
+        debug_assert_eq!(self.fds_held, self.links.iter().map(|(_, l)| l.fds_held).sum::<usize>());
         Ok(())
     }
 
