@@ -25,7 +25,7 @@ use crate::error::{Error, ProtocolError};
 /// Decodes CBOR like `ciborium::from_reader`, but with a reused scratch
 /// buffer: `from_reader` zeroes a fresh 4 KiB stack array on every call.
 ///
-/// A payload that is one whole byte string (a [`Bytes`](crate::Bytes)) is
+/// A payload that is one whole byte string (a [`Bytes`](crate::bytes::Bytes)) is
 /// handed to the type as one slice: ciborium would copy it through its 4 KiB
 /// scratch into a vector grown by doubling. If the type does not take bytes,
 /// ciborium decodes it as usual.
@@ -303,6 +303,12 @@ impl Decoder {
         }
     }
 
+    /// Changes the largest frame accepted from now on (a master takes only
+    /// a hello-sized frame from a worker that has not said hello).
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame;
+    }
+
     /// Space to read into: at least one read chunk, or the rest of the frame
     /// that is pending if that is larger (never more than the limit allows).
     pub fn read_buf(&mut self) -> &mut [u8] {
@@ -482,11 +488,11 @@ mod tests {
     #[test]
     fn byte_strings_take_the_fast_path_and_everything_else_decodes_as_before() {
         for len in [0usize, 5, 23, 24, 255, 256, 70_000] {
-            let b = crate::Bytes(vec![7u8; len]);
+            let b = crate::bytes::Bytes(vec![7u8; len]);
             let mut cbor = Vec::new();
             ciborium::into_writer(&b, &mut cbor).unwrap();
             assert_eq!(whole_byte_string(&cbor).map(|s| s.len()), Some(len));
-            assert_eq!(decode_cbor::<crate::Bytes>(&cbor).unwrap(), b);
+            assert_eq!(decode_cbor::<crate::bytes::Bytes>(&cbor).unwrap(), b);
             // A type that does not take bytes falls back to ciborium, with its result.
             let plain: Result<Vec<u32>, _> = ciborium::from_reader(&cbor[..]);
             assert_eq!(decode_cbor::<Vec<u32>>(&cbor).ok(), plain.ok());
@@ -505,7 +511,7 @@ mod tests {
     #[test]
     fn a_byte_string_prefix_and_its_bytes_make_the_frame_encode_makes() {
         for len in [0usize, 5, 23, 24, 255, 256, 65535, 65536, 70000] {
-            let data = crate::Bytes((0..len).map(|i| i as u8).collect());
+            let data = crate::bytes::Bytes((0..len).map(|i| i as u8).collect());
             let env = Envelope { kind: Kind::Reply, flags: 0, nfds: 0, seq: 9, ns: "n", cmd: "c" };
             let mut whole = Vec::new();
             encode(&mut whole, env, &data).unwrap();

@@ -35,8 +35,9 @@ pub struct Config {
     pub max_received_fds: usize,
     /// Received fds that may wait for their frames on all connections
     /// together (default 128). When a read could take the total past it, the
-    /// connection that has held unclaimed fds the longest is closed, so peers
-    /// that park fds cannot fill the process's fd table.
+    /// connection holding the most unclaimed fds (the longest-held among
+    /// equals) is closed, so peers that park fds cannot fill the process's
+    /// fd table.
     pub max_received_fds_total: usize,
     /// Namespaces a peer may announce (default 64); a namespace name is at
     /// most [`MAX_NAMESPACE_LEN`] bytes. A peer announcing more is
@@ -102,8 +103,8 @@ impl Config {
     /// config.ack_timeout = std::time::Duration::ZERO;
     /// assert!(config.validate().is_err());
     /// ```
-    pub fn validate(&self) -> Result<(), crate::Error> {
-        use crate::Error::InvalidConfig;
+    pub fn validate(&self) -> Result<(), crate::error::Error> {
+        use crate::error::Error::InvalidConfig;
         if self.ack_timeout.is_zero() || self.ack_timeout > MAX_TIMEOUT {
             return Err(InvalidConfig("ack_timeout must be above zero and at most a day"));
         }

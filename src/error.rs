@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::process::ExitStatus;
 
-use crate::WorkerId;
+use crate::id::WorkerId;
 
 /// Everything a clusterphone call can fail with.
 #[derive(Debug)]

@@ -9,7 +9,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::OwnedFd;
 
 use crate::ack::Responder;
-use crate::{Peer, Reactor};
+use crate::id::Peer;
 
 /// FxHash: names are short and SipHash costs more than the whole lookup.
 /// Only our own registrations are inserted, so a peer's names cannot flood
@@ -47,18 +47,16 @@ pub(crate) struct Incoming<'a> {
     pub(crate) responder: Responder,
 }
 
-pub(crate) type Handler = Box<dyn FnMut(&mut Reactor, Incoming<'_>)>;
-
-struct Slot {
+struct Slot<H> {
     generation: u64,
     /// `None` while the handler runs.
-    handler: Option<Handler>,
+    handler: Option<H>,
 }
 
 /// What a lookup found.
-pub(crate) enum Lookup {
+pub(crate) enum Lookup<H> {
     /// The handler, taken out of its slot, and the key to put it back with.
-    Found(Handler, SlotKey),
+    Found(H, SlotKey),
     /// Running already (cannot happen: nested polls are refused).
     Busy,
     NoHandler,
@@ -75,38 +73,44 @@ pub(crate) struct SlotKey {
 
 /// Handlers live in a slab; names map to slab indices, so putting a handler
 /// back after it ran needs no second lookup.
-#[derive(Default)]
-pub(crate) struct Handlers {
+/// `H` is the stored callback type (the reactor's boxed closure).
+pub(crate) struct Handlers<H> {
     spaces: FxMap<String, FxMap<String, usize>>,
-    slots: slab::Slab<Slot>,
+    slots: slab::Slab<Slot<H>>,
     next_generation: u64,
 }
 
-pub(crate) fn check_namespace(ns: &str) -> Result<(), crate::Error> {
+impl<H> Default for Handlers<H> {
+    fn default() -> Self {
+        Handlers { spaces: FxMap::default(), slots: slab::Slab::new(), next_generation: 0 }
+    }
+}
+
+pub(crate) fn check_namespace(ns: &str) -> Result<(), crate::error::Error> {
     if ns.is_empty() {
-        Err(crate::Error::EmptyNamespace)
+        Err(crate::error::Error::EmptyNamespace)
     } else if ns.starts_with(RESERVED_PREFIX) {
-        Err(crate::Error::ReservedNamespace)
+        Err(crate::error::Error::ReservedNamespace)
     } else if ns.len() > crate::config::MAX_NAMESPACE_LEN {
-        Err(crate::Error::NameTooLong)
+        Err(crate::error::Error::NameTooLong)
     } else {
         Ok(())
     }
 }
 
-pub(crate) fn check_command(cmd: &str) -> Result<(), crate::Error> {
+pub(crate) fn check_command(cmd: &str) -> Result<(), crate::error::Error> {
     if cmd.is_empty() {
-        Err(crate::Error::EmptyCommand)
+        Err(crate::error::Error::EmptyCommand)
     } else if cmd.len() > u16::MAX as usize {
-        Err(crate::Error::NameTooLong)
+        Err(crate::error::Error::NameTooLong)
     } else {
         Ok(())
     }
 }
 
-impl Handlers {
+impl<H> Handlers<H> {
     /// Registers (or replaces) a handler; returns true if the namespace is new.
-    pub(crate) fn insert(&mut self, ns: &str, cmd: &str, handler: Handler) -> bool {
+    pub(crate) fn insert(&mut self, ns: &str, cmd: &str, handler: H) -> bool {
         self.next_generation += 1;
         let slot = Slot { generation: self.next_generation, handler: Some(handler) };
         let new_space = !self.spaces.contains_key(ns);
@@ -149,7 +153,7 @@ impl Handlers {
     }
 
     /// Takes the handler for (ns, cmd) out to run it.
-    pub(crate) fn take(&mut self, ns: &str, cmd: &str) -> Lookup {
+    pub(crate) fn take(&mut self, ns: &str, cmd: &str) -> Lookup<H> {
         let Some(space) = self.spaces.get(ns) else { return Lookup::UnknownNamespace };
         let Some(&index) = space.get(cmd) else { return Lookup::NoHandler };
         let slot = &mut self.slots[index];
@@ -160,7 +164,7 @@ impl Handlers {
     }
 
     /// Puts a handler back after it ran, unless it was replaced or removed meanwhile.
-    pub(crate) fn restore(&mut self, key: SlotKey, handler: Handler) {
+    pub(crate) fn restore(&mut self, key: SlotKey, handler: H) {
         if let Some(slot) = self.slots.get_mut(key.index) {
             if slot.generation == key.generation && slot.handler.is_none() {
                 slot.handler = Some(handler);

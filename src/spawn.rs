@@ -12,9 +12,13 @@ use std::process::{ChildStderr, ChildStdin, ChildStdout, Command};
 use mio::net::UnixStream;
 
 use crate::codec::Decoder;
+use crate::config::Config;
 use crate::conn::Conn;
-use crate::reactor::{reap_now, Link, Role};
-use crate::{sys, Config, Error, Reactor, WorkerId};
+use crate::error::Error;
+use crate::id::WorkerId;
+use crate::reactor::Reactor;
+use crate::reactor::{hello_frame_limit, reap_now, Link, Role};
+use crate::sys;
 
 /// Environment variable carrying the channel's fd number to a worker.
 pub const ENV_FD: &str = "CLUSTERPHONE_FD";
@@ -55,8 +59,8 @@ pub struct WorkerPipes {
     pub stderr: Option<ChildStderr>,
 }
 
-fn new_conn(stream: UnixStream, config: &Config) -> Conn {
-    Conn::new(stream, Decoder::new(config.max_frame, config.max_received_fds))
+fn new_conn(stream: UnixStream, max_frame: usize, config: &Config) -> Conn {
+    Conn::new(stream, Decoder::new(max_frame, config.max_received_fds))
 }
 
 impl Reactor {
@@ -117,7 +121,7 @@ impl Reactor {
         let stream = UnixStream::from_std(std::os::unix::net::UnixStream::from(fd));
         let mut reactor = Reactor::new(Role::Worker, config)?;
         reactor.my_id = id;
-        let conn = new_conn(stream, &reactor.config);
+        let conn = new_conn(stream, reactor.config.max_frame, &reactor.config);
         let link_id = WorkerId { key: 0, generation: 0 };
         reactor.add_link(Link::new(link_id, conn, true))?;
         Ok(reactor)
@@ -154,7 +158,7 @@ impl Reactor {
         let (id, pipes) = self.spawn_piped(command)?;
         if pipes.stdin.is_some() || pipes.stdout.is_some() || pipes.stderr.is_some() {
             // Nobody would read them: the worker would block on a full pipe.
-            let key = id.key as usize;
+            let key = id.index();
             self.close_conn(key);
             let mut link = self.links.remove(key);
             reap_now(&mut link);
@@ -206,7 +210,10 @@ impl Reactor {
         // exits are found by a periodic check, as with `exit_polling`.
         let pidfd = sys::pidfd_open(child.id()).ok();
         let stream = UnixStream::from_std(std::os::unix::net::UnixStream::from(ours));
-        let mut link = Link::new(id, new_conn(stream, &self.config), false);
+        // Until it says hello, a worker may send nothing but a hello: refuse
+        // anything larger at its length field, before buffering it.
+        let conn = new_conn(stream, hello_frame_limit(&self.config), &self.config);
+        let mut link = Link::new(id, conn, false);
         link.child = Some(child);
         link.pidfd = pidfd;
         self.add_link(link)?;

@@ -249,8 +249,8 @@ impl Reactor {
 
     pub(super) fn resolve(&self, target: Target) -> Result<usize, Error> {
         match (self.role, target) {
-            (Role::Master, Target::Worker(id)) => match self.links.get(id.key as usize) {
-                Some(l) if l.id == id && l.conn.is_some() && l.exit.is_none() => Ok(id.key as usize),
+            (Role::Master, Target::Worker(id)) => match self.link_of(id) {
+                Some(l) if l.conn.is_some() && l.exit.is_none() => Ok(id.index()),
                 _ => Err(Error::UnknownWorker(id)),
             },
             (Role::Worker, Target::Master) => match self.links.get(0) {
@@ -384,7 +384,7 @@ impl Reactor {
         let want = wanted || matches!(r, Ok(Flushed::Blocked));
         if want != conn.write_interest {
             let interest = if want { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
-            match self.poll.registry().reregister(&mut conn.stream, Self::socket_token(key), interest) {
+            match self.poll.registry().reregister(&mut conn.stream, Source::Channel(key).token(), interest) {
                 Ok(()) => conn.write_interest = want,
                 // Without the writable edge the queue would stall: treat as broken.
                 Err(e) => self.broken.push((id, e)),
@@ -421,10 +421,7 @@ impl Reactor {
         let mut frames = std::mem::take(&mut self.outbox_scratch);
         std::mem::swap(&mut frames, &mut self.outbox.borrow_mut().frames);
         for (id, buf, tail) in frames.drain(..) {
-            let Some(link) = self.links.get_mut(id.key as usize) else { continue };
-            if link.id != id {
-                continue;
-            }
+            let Some(link) = self.link_of_mut(id) else { continue };
             let Some(conn) = link.conn.as_mut() else { continue };
             conn.push(buf, tail, None, None);
             // Hand a written buffer back for the next reply: replies are encoded
@@ -433,7 +430,7 @@ impl Reactor {
             self.stats.acks_sent += 1;
             // Every caller flushes after draining: replies to one read batch
             // share a write call.
-            self.mark_dirty(id.key as usize);
+            self.mark_dirty(id.index());
             if let Some(spare) = spare {
                 let mut outbox = self.outbox.borrow_mut();
                 if outbox.spare.len() < OUTBOX_SPARES {

@@ -43,12 +43,17 @@ impl Reactor {
                         budget -= 1;
                         dispatched = true;
                         self.stats.frames_read += 1;
+                        let hello = frame.kind == Kind::Hello;
                         if let Err(e) = self.dispatch(key, id, frame) {
                             failure = Some(e);
                             break;
                         }
                         if !self.link_alive(key, id) {
                             return;
+                        }
+                        if hello {
+                            // Past the hello: frames of any allowed size.
+                            decoder.set_max_frame(self.config.max_frame);
                         }
                         if self.over_limit(key) {
                             over_limit = true;
@@ -186,14 +191,21 @@ impl Reactor {
     }
 
     /// How many fds the next read on `key` may take: its own room, after
-    /// making room among all links by closing the one that has held
-    /// unclaimed fds the longest (a peer parking fds; maybe `key` itself).
+    /// making room among all links by closing the one holding the most
+    /// unclaimed fds, the longest-held first among equals (a peer parking
+    /// fds; maybe `key` itself).
     fn fd_room(&mut self, key: usize) -> usize {
         let want = self.config.max_received_fds.saturating_sub(self.links[key].fds_held);
         while self.fds_held + want > self.config.max_received_fds_total {
-            let oldest =
-                self.links.iter().filter(|(_, l)| l.fds_held > 0).min_by_key(|(_, l)| l.fds_held_since).map(|(k, _)| k);
-            let Some(hog) = oldest else { break };
+            // The most fds, and of those the longest held: a frame in transit
+            // holds one, a peer parking them holds many.
+            let hog = self
+                .links
+                .iter()
+                .filter(|(_, l)| l.fds_held > 0)
+                .max_by_key(|(_, l)| (l.fds_held, std::cmp::Reverse(l.fds_held_since)))
+                .map(|(k, _)| k);
+            let Some(hog) = hog else { break };
             self.protocol_error(hog, ProtocolError::TooManyFdsInFlight);
             if hog == key || self.links.get(hog).is_some_and(|l| l.fds_held > 0) {
                 return 0;
@@ -308,7 +320,7 @@ impl Reactor {
         // Bounded before decoding: a hello of empty strings would otherwise
         // cost 24 bytes of heap per byte of frame.
         let max = self.config.max_namespaces;
-        if frame.payload.len() > 16 + max * (MAX_NAMESPACE_LEN + 2) {
+        if frame.payload.len() > hello_payload_limit(max) {
             return Err(ProtocolError::TooManyNamespaces);
         }
         let (version, names): (u32, Vec<String>) =
@@ -398,41 +410,40 @@ impl Reactor {
                 Timer::Ack(ack, serial) => {
                     let Some(p) = self.acks.get(ack).filter(|p| p.serial == serial) else { continue };
                     let (link_id, seq, qseq) = (p.link, p.seq, p.qseq);
-                    if let Some(link) = self.links.get_mut(link_id.key as usize).filter(|l| l.id == link_id) {
+                    if let Some(link) = self.link_of_mut(link_id) {
                         link.pending.remove(&seq);
                         // Expiry is final: a message still queued is never sent (unless its
                         // fd already left with an earlier write: the peer pairs fds by order).
                         if let Some(conn) = link.conn.as_mut() {
                             conn.cancel(qseq);
                         }
-                        self.maybe_resume(link_id.key as usize);
+                        self.maybe_resume(link_id.index());
                     }
                     self.settle(ack, Err(AckError::Timeout));
                 }
                 Timer::Hangup(id) => {
-                    if let Some(link) = self.links.get_mut(id.key as usize).filter(|l| l.id == id) {
+                    if let Some(link) = self.link_of_mut(id) {
                         let reason = link.hangup_reason.take().unwrap_or(DisconnectReason::Hangup);
-                        if !self.check_exit(id.key as usize) {
-                            self.link_down(id.key as usize, Down::Closed(reason));
+                        if !self.check_exit(id.index()) {
+                            self.link_down(id.index(), Down::Closed(reason));
                         }
                     }
                 }
                 Timer::Kill(id) => {
-                    if let Some(link) = self.links.get_mut(id.key as usize).filter(|l| l.id == id) {
+                    if let Some(link) = self.link_of_mut(id) {
                         link.kill_timer = None;
                         let _ = link.kill_child();
                     }
                 }
                 Timer::Reap(id) => {
-                    if self.links.get(id.key as usize).is_some_and(|l| l.id == id) && !self.check_exit(id.key as usize)
-                    {
+                    if self.link_of(id).is_some() && !self.check_exit(id.index()) {
                         self.timers.insert(after(REAP_INTERVAL), Timer::Reap(id));
                     }
                 }
                 Timer::WriteRetry(id) => {
-                    if let Some(link) = self.links.get_mut(id.key as usize).filter(|l| l.id == id) {
+                    if let Some(link) = self.link_of_mut(id) {
                         link.retry_timer = None;
-                        self.flush_link(id.key as usize);
+                        self.flush_link(id.index());
                     }
                 }
             }
@@ -447,4 +458,15 @@ fn check_peer_namespace(name: &str) -> Result<(), ProtocolError> {
         return Err(ProtocolError::BadName);
     }
     Ok(())
+}
+
+/// Largest hello payload a peer announcing `max_namespaces` names can need:
+/// the version, an array header, and per name a 2-byte string header.
+pub(crate) fn hello_payload_limit(max_namespaces: usize) -> usize {
+    16 + max_namespaces * (MAX_NAMESPACE_LEN + 2)
+}
+
+/// Largest frame a master accepts from a worker before its hello.
+pub(crate) fn hello_frame_limit(config: &Config) -> usize {
+    codec::HEADER_LEN + hello_payload_limit(config.max_namespaces)
 }

@@ -8,12 +8,12 @@ impl Reactor {
 
     pub(super) fn handle_broken(&mut self) {
         while let Some((id, e)) = self.broken.pop() {
-            if self.links.get(id.key as usize).is_some_and(|l| l.id == id && l.conn.is_some()) {
+            if self.link_of(id).is_some_and(|l| l.conn.is_some()) {
                 let reason = match e.kind() {
                     io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => DisconnectReason::Hangup,
                     _ => DisconnectReason::Io(e),
                 };
-                self.hangup(id.key as usize, reason);
+                self.hangup(id.index(), reason);
             }
         }
     }

@@ -61,7 +61,7 @@ impl Reactor {
     }
 
     pub(super) fn link(&self, id: WorkerId) -> Option<&Link> {
-        self.links.get(id.key as usize).filter(|l| l.id == id && self.role == Role::Master)
+        self.link_of(id).filter(|_| self.role == Role::Master)
     }
 
     /// Whether `worker` has said hello (messages to it are written, not held)
@@ -108,7 +108,7 @@ impl Reactor {
     /// The signal goes through the worker's pidfd, so it can never reach
     /// another process that reused the pid of a worker reaped elsewhere.
     pub fn kill(&mut self, worker: WorkerId) -> Result<(), Error> {
-        let link = self.links.get_mut(worker.key as usize).filter(|l| l.id == worker && l.child.is_some());
+        let link = self.link_of_mut(worker).filter(|l| l.child.is_some());
         let link = link.ok_or(Error::UnknownWorker(worker))?;
         link.exit_requested = true;
         link.kill_child()?;
@@ -126,7 +126,7 @@ impl Reactor {
     /// # Ok::<(), clusterphone::Error>(())
     /// ```
     pub fn request_exit(&mut self, worker: WorkerId, grace: Duration) -> Result<(), Error> {
-        let key = worker.key as usize;
+        let key = worker.index();
         if self.link(worker).is_none() {
             return Err(Error::UnknownWorker(worker));
         }

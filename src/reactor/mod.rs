@@ -18,27 +18,70 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use slab::Slab;
 
-use crate::ack::{fail_to_error, Completion, Outbox, Outcome, Outgoing, Responder, SendOptions, Target};
+use crate::ack::{fail_to_error, Outbox, Outcome, Responder};
 use crate::codec::{self, fail, Envelope, Frame, Kind, PROTOCOL_VERSION};
+use crate::config::{Config, Stats, WritableWakeups};
 use crate::config::{MAX_NAMESPACE_LEN, MAX_TIMEOUT};
 use crate::conn::{Conn, Flushed, Read};
 use crate::error::{AckError, Error, Exit, ProtocolError, SendError};
 use crate::handlers::{check_command, check_namespace, Handlers, Incoming, Lookup, DEFAULT_NAMESPACE};
+use crate::id::{Peer, WorkerId};
+use crate::message::Message;
+use crate::payload::Payload;
 use crate::sys;
 use crate::timer::{after, TimerKey, Wheel};
-use crate::{Config, Message, Ns, Payload, Peer, Stats, WorkerId, WritableWakeups};
 
 mod api;
 mod dispatch;
 mod failure;
 mod master;
+mod ns;
+mod outgoing;
+
+pub(crate) use dispatch::hello_frame_limit;
+pub use ns::Ns;
+pub use outgoing::Outgoing;
+pub(crate) use outgoing::{Completion, SendOptions, Target};
+
+/// A stored handler: decodes its payload type, then runs the user's closure.
+pub(crate) type Handler = Box<dyn FnMut(&mut Reactor, Incoming<'_>)>;
 
 /// How often children without a pidfd are checked for exit.
 const REAP_INTERVAL: Duration = Duration::from_millis(20);
 /// Retry delay after ETOOMANYREFS.
 const WRITE_RETRY: Duration = Duration::from_millis(1);
-/// The timerfd's token (links use `key << 1` and `key << 1 | 1`).
-const TIMER_TOKEN: Token = Token(usize::MAX);
+/// What an epoll token stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// The channel of link `key`.
+    Channel(usize),
+    /// The pidfd of link `key`'s child: readable once it exits.
+    Exit(usize),
+    /// The timerfd that ends finite waits.
+    Timer,
+}
+
+impl Source {
+    const TIMER: usize = usize::MAX;
+
+    pub(crate) fn token(self) -> Token {
+        Token(match self {
+            Source::Channel(key) => key << 1,
+            Source::Exit(key) => key << 1 | 1,
+            Source::Timer => Self::TIMER,
+        })
+    }
+
+    pub(crate) fn of(token: Token) -> Source {
+        match token.0 {
+            Self::TIMER => Source::Timer,
+            t if t & 1 == 0 => Source::Channel(t >> 1),
+            t => Source::Exit(t >> 1),
+        }
+    }
+}
+
+const TIMER_TOKEN: Token = Token(Source::TIMER);
 
 /// What happened to a worker, as told to [`Reactor::on_worker_event`].
 #[derive(Debug)]
@@ -250,7 +293,7 @@ pub struct Reactor {
     pub(crate) role: Role,
     pub(crate) links: Slab<Link>,
     pub(crate) next_generation: u32,
-    handlers: Handlers,
+    handlers: Handlers<Handler>,
     acks: Slab<PendingAck>,
     ack_serial: u64,
     timers: Wheel<Timer>,
@@ -265,8 +308,8 @@ pub struct Reactor {
     backlog: Vec<usize>,
     dirty: Vec<usize>,
     broken: Vec<(WorkerId, io::Error)>,
-    /// (token, readable, writable, read side closed or in error) of the last poll.
-    ready_events: Vec<(usize, bool, bool, bool)>,
+    /// (source, readable, writable, read side closed or in error) of the last poll.
+    ready_events: Vec<(Source, bool, bool, bool)>,
     panic: Option<Box<dyn Any + Send>>,
     /// Wakes a finite wait, so that `epoll_wait` itself never needs a timeout:
     /// on a VM, arming and cancelling the kernel timer of a timed `epoll_wait`
@@ -332,15 +375,21 @@ impl Reactor {
         })
     }
 
-    pub(crate) fn socket_token(key: usize) -> Token {
-        Token(key << 1)
+    /// The link of a live worker id (a stale id, whose slot was reused, finds nothing).
+    pub(crate) fn link_of(&self, id: WorkerId) -> Option<&Link> {
+        self.links.get(id.index()).filter(|l| l.id == id)
+    }
+
+    /// [`link_of`](Self::link_of), mutably.
+    pub(crate) fn link_of_mut(&mut self, id: WorkerId) -> Option<&mut Link> {
+        self.links.get_mut(id.index()).filter(|l| l.id == id)
     }
 
     /// Registers a new link's socket (and pidfd) and stores it.
     pub(crate) fn add_link(&mut self, mut link: Link) -> Result<usize, Error> {
         let key = self.links.vacant_key();
         if let Some(conn) = link.conn.as_mut() {
-            let token = Self::socket_token(key);
+            let token = Source::Channel(key).token();
             let always = self.config.writable_wakeups == WritableWakeups::Always;
             let interest = if always { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
             conn.write_interest = always;
@@ -351,7 +400,8 @@ impl Reactor {
         }
         if let (Some(pidfd), false) = (&link.pidfd, self.config.exit_polling) {
             let raw = pidfd.as_raw_fd();
-            if let Err(e) = self.poll.registry().register(&mut SourceFd(&raw), Token(key << 1 | 1), Interest::READABLE)
+            if let Err(e) =
+                self.poll.registry().register(&mut SourceFd(&raw), Source::Exit(key).token(), Interest::READABLE)
             {
                 if let Some(conn) = link.conn.as_mut() {
                     let _ = self.poll.registry().deregister(&mut conn.stream);
@@ -523,14 +573,15 @@ impl Reactor {
         self.ready_events.clear();
         let mut timer = false;
         for ev in self.events.iter() {
-            if ev.token() == TIMER_TOKEN {
+            let source = Source::of(ev.token());
+            if source == Source::Timer {
                 timer = true;
                 continue;
             }
             let closed = ev.is_read_closed() || ev.is_error();
             let readable = ev.is_readable() || closed;
             let writable = ev.is_writable() || ev.is_write_closed();
-            self.ready_events.push((ev.token().0, readable, writable, closed));
+            self.ready_events.push((source, readable, writable, closed));
         }
         if timer {
             self.timer_expired();
@@ -539,16 +590,13 @@ impl Reactor {
         let events = std::mem::take(&mut self.ready_events);
         // Exits first: a worker seen dead in this turn is not ready (and
         // refuses sends) before any handler of its last frames runs.
-        for &(token, ..) in &events {
-            if token & 1 == 1 {
-                self.check_exit(token >> 1);
+        for &(source, ..) in &events {
+            if let Source::Exit(key) = source {
+                self.check_exit(key);
             }
         }
-        for &(token, readable, writable, closed) in &events {
-            let key = token >> 1;
-            if token & 1 == 1 {
-                continue;
-            }
+        for &(source, readable, writable, closed) in &events {
+            let Source::Channel(key) = source else { continue };
             if writable {
                 if let Some(conn) = self.links.get_mut(key).and_then(|l| l.conn.as_mut()) {
                     conn.blocked = false;
