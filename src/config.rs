@@ -29,15 +29,17 @@ pub struct Config {
     /// fds that may wait in one connection's write queue (default 1024).
     pub max_queue_fds: usize,
     /// Received fds that may wait for their frame on one connection (default
-    /// 32). A peer of this library sends at most 16 fds per write, so it never
-    /// has more than 31 ahead of their frames; beyond the limit the peer is
+    /// 8). A peer of this library sends one fd per write, so it never has
+    /// more than 2 ahead of their frames; beyond the limit the peer is
     /// disconnected ([`ProtocolError::TooManyFdsInFlight`](crate::ProtocolError::TooManyFdsInFlight)).
     pub max_received_fds: usize,
     /// Received fds that may wait for their frames on all connections
-    /// together (default 128). When a read could take the total past it, the
-    /// connection holding the most unclaimed fds (the longest-held among
-    /// equals) is closed, so peers that park fds cannot fill the process's
-    /// fd table.
+    /// together (default 128). When a read could take the total past it,
+    /// connections that park fds (hold more than 2, more than a peer of this
+    /// library ever does, or any for over a second) are closed, the one
+    /// holding the most first, so they cannot fill the process's fd table.
+    /// Fds in transit on well-behaved connections (at most 2 each) never
+    /// close one.
     pub max_received_fds_total: usize,
     /// Namespaces a peer may announce (default 64); a namespace name is at
     /// most [`MAX_NAMESPACE_LEN`] bytes. A peer announcing more is
@@ -69,7 +71,7 @@ impl Default for Config {
             max_frame: 16 << 20,
             max_queue_bytes: 64 << 20,
             max_queue_fds: 1024,
-            max_received_fds: 32,
+            max_received_fds: 8,
             max_received_fds_total: 128,
             max_namespaces: 64,
             frames_per_poll: 1024,

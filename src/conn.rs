@@ -18,12 +18,15 @@ use crate::sys;
 
 /// Slices gathered into one `sendmsg` (a frame takes one, or two with a tail).
 const MAX_IOV: usize = 64;
-/// Fds sent in one `sendmsg`: the peer holds at most this many ahead of
-/// their frames per write, so its `Config::max_received_fds` can stay small.
-pub(crate) const FDS_PER_WRITE: usize = 16;
+/// Fds sent in one `sendmsg`: one. The kernel hands a reader one write's
+/// fds per `recvmsg`, so the peer never holds more than two ahead of their
+/// frames, and its limits on unclaimed fds can be tight.
+pub(crate) const FDS_PER_WRITE: usize = 1;
 const _: () = assert!(FDS_PER_WRITE <= sys::MAX_FDS_PER_CALL);
 /// Bytes gathered into one `sendmsg` (beyond the first frame).
 const MAX_GATHER: usize = 1 << 20;
+/// Queue entries kept allocated once the queue drains.
+const QUEUE_KEEP: usize = 64;
 /// Recycled frame buffers kept per connection, and the largest kept (at
 /// most 256 KiB per connection: small frames are the ones worth recycling).
 const POOL_MAX: usize = 16;
@@ -274,6 +277,10 @@ impl Conn {
             self.drop_expired();
             self.pop_finished();
             if self.queue.is_empty() {
+                // A burst's entry array is not kept: an idle connection stays small.
+                if self.queue.capacity() > QUEUE_KEEP {
+                    self.queue = VecDeque::new();
+                }
                 return Ok(Flushed::All);
             }
             let mut fds = std::mem::take(&mut self.fd_list);

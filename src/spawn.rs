@@ -26,10 +26,12 @@ pub const ENV_FD: &str = "CLUSTERPHONE_FD";
 pub const ENV_ID: &str = "CLUSTERPHONE_WORKER_ID";
 
 /// Whether this process was spawned by a clusterphone master (and has not attached yet):
-/// the environment names a channel fd, and that fd is a Unix socket connected
-/// to this process's parent. (The variables stay in the environment, which
-/// this crate never modifies; processes a worker spawns see them, but not
-/// the channel, which is close-on-exec, so they are not workers.)
+/// the environment names a channel fd, and that fd is a Unix socket that
+/// another process made. (The variables stay in the environment, which this
+/// crate never modifies; processes a worker spawns see them, but not the
+/// channel, which is close-on-exec, so they are not workers.) A worker
+/// started through a wrapper that does not `exec` (a shell, `timeout`) is a
+/// worker here, and [`Reactor::attach`] tells it why it cannot attach.
 ///
 /// ```
 /// if clusterphone::is_worker() {
@@ -37,7 +39,7 @@ pub const ENV_ID: &str = "CLUSTERPHONE_WORKER_ID";
 /// }
 /// ```
 pub fn is_worker() -> bool {
-    !sys::channel_adopted() && channel_fd().is_ok_and(|fd| sys::check_channel_fd(fd).is_ok())
+    !sys::channel_adopted() && channel_fd().is_ok_and(|fd| sys::check_channel_fd(fd, false).is_ok())
 }
 
 /// The channel fd number named by the environment.
@@ -147,7 +149,9 @@ impl Reactor {
     /// ```
     ///
     /// The worker starts with no blocked signals and every signal at its
-    /// default disposition, whatever the master's own signal state.
+    /// default disposition, whatever the master's own signal state (this is
+    /// done last before `exec`, after any `pre_exec` of the command's own, so
+    /// a disposition set there does not survive; set it in the worker).
     ///
     /// # Errors
     /// [`Error::WrongRole`] on a worker, [`Error::ShuttingDown`] during

@@ -88,11 +88,12 @@ fn sockopt_int(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
 /// Set by the first adoption: two threads attaching at once must not both own the fd.
 static ADOPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Checks that `raw` is the channel our parent handed down: an open AF_UNIX
-/// stream socket whose peer (the process that created the socketpair) is
-/// our parent. A socket this process made itself, or any other fd the
-/// environment may name, fails the check, so it is never adopted.
-pub(crate) fn check_channel_fd(raw: RawFd) -> io::Result<()> {
+/// Checks that `raw` is a channel handed down from another process: an open
+/// AF_UNIX stream socket whose peer (the process that created the
+/// socketpair) is not this one, and with `from_parent`, is our parent. A
+/// socket this process made itself, or any other fd the environment may
+/// name, fails the check, so it is never adopted.
+pub(crate) fn check_channel_fd(raw: RawFd, from_parent: bool) -> io::Result<()> {
     if raw < 0 {
         return Err(io::Error::from_raw_os_error(libc::EBADF));
     }
@@ -111,8 +112,8 @@ pub(crate) fn check_channel_fd(raw: RawFd) -> io::Result<()> {
     })?;
     // SAFETY: getppid and getpid cannot fail and touch no memory.
     let (parent, me) = unsafe { (libc::getppid(), libc::getpid()) };
-    if cred.pid == me || cred.pid != parent {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "channel fd is not connected to the parent process"));
+    if cred.pid == me || (from_parent && cred.pid != parent) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "channel fd does not lead to the parent process (a worker must be its master's direct child: spawn through a wrapper only with exec)"));
     }
     Ok(())
 }
@@ -125,7 +126,7 @@ pub(crate) fn channel_adopted() -> bool {
 /// Takes ownership of the descriptor a master handed down to this process,
 /// after `check_channel_fd`, once per process.
 pub(crate) fn adopt_channel_fd(raw: RawFd) -> io::Result<OwnedFd> {
-    check_channel_fd(raw)?;
+    check_channel_fd(raw, true)?;
     if ADOPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
         return Err(io::Error::new(io::ErrorKind::AlreadyExists, "the channel fd was adopted already"));
     }

@@ -36,10 +36,18 @@ impl Reactor {
         F: FnMut(&mut Reactor, Message<T>) + 'static,
     {
         check_command(cmd)?;
-        // A master closes a worker that announces more: refuse here, where it is the caller's mistake.
-        let full = self.handlers.namespace_count() >= self.config.max_namespaces;
-        if self.role == Role::Worker && full && !self.handlers.has_namespace(ns) {
-            return Err(Error::TooManyNamespaces);
+        // A master closes a worker that announces more: refuse here, where it
+        // is the caller's mistake. The master never forgets a name, so once
+        // the hello is out, every name announced counts, removed or not.
+        if self.role == Role::Worker {
+            let (known, count) = if self.hello_sent {
+                (self.announced.contains(ns), self.announced.len())
+            } else {
+                (self.handlers.has_namespace(ns), self.handlers.namespace_count())
+            };
+            if !known && count >= self.config.max_namespaces {
+                return Err(Error::TooManyNamespaces);
+            }
         }
         let wrapped =
             Box::new(move |r: &mut Reactor, inc: Incoming<'_>| match crate::codec::decode_cbor::<T>(inc.payload) {
@@ -51,8 +59,9 @@ impl Reactor {
                     r.note_unhandled(inc.from, inc.ns, inc.cmd, AckError::BadPayload(text));
                 }
             });
-        let new_space = self.handlers.insert(ns, cmd, wrapped);
-        if new_space && self.role == Role::Worker && self.hello_sent {
+        self.handlers.insert(ns, cmd, wrapped);
+        if self.role == Role::Worker && self.hello_sent && !self.announced.contains(ns) {
+            self.announced.insert(ns.to_owned());
             self.announce_namespace(ns);
         }
         Ok(())
@@ -350,7 +359,7 @@ impl Reactor {
     /// leave in one `sendmsg`.
     pub(super) fn mark_dirty(&mut self, key: usize) {
         let Some(link) = self.links.get_mut(key) else { return };
-        if !link.ready || link.dirty || link.conn.as_ref().is_none_or(|c| c.blocked) {
+        if !link.ready || link.dirty || link.exit.is_some() || link.conn.as_ref().is_none_or(|c| c.blocked) {
             return;
         }
         link.dirty = true;
@@ -362,7 +371,8 @@ impl Reactor {
     pub(super) fn flush_link(&mut self, key: usize) {
         let Some(link) = self.links.get_mut(key) else { return };
         link.dirty = false;
-        if !link.ready {
+        // Nobody reads an exited worker's socket: writing could only fail.
+        if !link.ready || link.exit.is_some() {
             return;
         }
         let id = link.id;
@@ -449,6 +459,7 @@ impl Reactor {
         }
         self.hello_sent = true;
         let namespaces = self.handlers.namespaces();
+        self.announced = namespaces.iter().cloned().collect();
         self.push_control(0, Kind::Hello, "", &(PROTOCOL_VERSION, namespaces));
     }
 

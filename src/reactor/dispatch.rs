@@ -12,11 +12,12 @@ impl Reactor {
     /// raises a new epoll edge, so the usual extra `recvmsg` (EAGAIN) would be
     /// wasted. A read that brought fds may have stopped early, so it reads on.
     ///
-    /// Reading stops while our queue to the peer is over its limit (it resumes
-    /// from `flush_link` once the queue drains). An exited worker's socket is
-    /// read only as far as it held bytes when the exit was seen; then the
-    /// exit is reported.
-    pub(super) fn read_link(&mut self, key: usize, stop_when_drained: bool) {
+    /// On the master, reading stops while our queue to the worker is over its
+    /// limit (it resumes from `flush_link` once the queue drains), unless
+    /// `closed`: a peer that hung up is read to its end. An exited worker's
+    /// socket is read only as far as it held bytes when the exit was seen;
+    /// then the exit is reported.
+    pub(super) fn read_link(&mut self, key: usize, stop_when_drained: bool, closed: bool) {
         let mut budget = self.config.frames_per_poll;
         let mut dispatched = false;
         let mut stop_after_dispatch = false;
@@ -27,7 +28,7 @@ impl Reactor {
             }
             let Some(link) = self.links.get_mut(key) else { return };
             let id = link.id;
-            if link.paused && link.exit.is_none() {
+            if link.paused && link.exit.is_none() && !closed {
                 return;
             }
             let Some(conn) = link.conn.as_mut() else { return };
@@ -55,7 +56,7 @@ impl Reactor {
                             // Past the hello: frames of any allowed size.
                             decoder.set_max_frame(self.config.max_frame);
                         }
-                        if self.over_limit(key) {
+                        if !closed && self.over_limit(key) {
                             over_limit = true;
                             break;
                         }
@@ -150,11 +151,16 @@ impl Reactor {
         }
     }
 
-    /// Our queue to this live peer holds more than `max_queue_bytes`.
+    /// Our queue to this live worker holds more than `max_queue_bytes`.
+    ///
+    /// Only a master stops reading: a worker always reads its master (which
+    /// it trusts), so two peers that send each other requests faster than
+    /// they are answered can never both stop reading and stall for good.
     pub(super) fn over_limit(&self, key: usize) -> bool {
-        self.links.get(key).is_some_and(|l| {
-            l.exit.is_none() && l.conn.as_ref().is_some_and(|c| c.queued_mem() > self.config.max_queue_bytes)
-        })
+        self.role == Role::Master
+            && self.links.get(key).is_some_and(|l| {
+                l.exit.is_none() && l.conn.as_ref().is_some_and(|c| c.queued_mem() > self.config.max_queue_bytes)
+            })
     }
 
     /// Stops reading from a peer whose queue is over its limit: it blocks on
@@ -190,24 +196,32 @@ impl Reactor {
         }
     }
 
-    /// How many fds the next read on `key` may take: its own room, after
-    /// making room among all links by closing the one holding the most
-    /// unclaimed fds, the longest-held first among equals (a peer parking
-    /// fds; maybe `key` itself).
+    /// How many fds the next read on `key` may take: its own room. When
+    /// that could take the total past `max_received_fds_total`, room is made
+    /// first by closing parkers: links holding more unclaimed fds than a peer
+    /// of this library ever does (`LEGIT_FDS_HELD`), or holding any for
+    /// longer than `FD_PARK_GRACE`; the most fds first, the longest-held
+    /// among equals (maybe `key` itself). Fds in transit on well-behaved
+    /// links are never a reason to close one.
     fn fd_room(&mut self, key: usize) -> usize {
         let want = self.config.max_received_fds.saturating_sub(self.links[key].fds_held);
+        if self.fds_held + want <= self.config.max_received_fds_total {
+            return want;
+        }
+        let parked_since = Instant::now().checked_sub(FD_PARK_GRACE);
         while self.fds_held + want > self.config.max_received_fds_total {
-            // The most fds, and of those the longest held: a frame in transit
-            // holds one, a peer parking them holds many.
-            let hog = self
+            let parker = self
                 .links
                 .iter()
-                .filter(|(_, l)| l.fds_held > 0)
+                .filter(|(_, l)| {
+                    l.fds_held > LEGIT_FDS_HELD
+                        || (l.fds_held > 0 && l.fds_held_since.zip(parked_since).is_some_and(|(a, b)| a <= b))
+                })
                 .max_by_key(|(_, l)| (l.fds_held, std::cmp::Reverse(l.fds_held_since)))
                 .map(|(k, _)| k);
-            let Some(hog) = hog else { break };
-            self.protocol_error(hog, ProtocolError::TooManyFdsInFlight);
-            if hog == key || self.links.get(hog).is_some_and(|l| l.fds_held > 0) {
+            let Some(parker) = parker else { break };
+            self.protocol_error(parker, ProtocolError::TooManyFdsInFlight);
+            if parker == key || self.links.get(parker).is_some_and(|l| l.fds_held > 0) {
                 return 0;
             }
         }
@@ -350,9 +364,14 @@ impl Reactor {
                     conn.write_alone(&buf);
                     return Err(ProtocolError::Version(version));
                 }
-                conn.push_front(buf);
                 link.ready = true;
                 link.namespaces = namespaces;
+                if link.exit.is_some() {
+                    // Dead already: its frames are read, but it is never ready.
+                    conn.recycle(buf);
+                    return Ok(());
+                }
+                conn.push_front(buf);
                 let id = link.id;
                 self.after_push(key);
                 self.worker_event(id, WorkerEvent::Ready);
@@ -451,6 +470,13 @@ impl Reactor {
         self.fired = fired;
     }
 }
+
+/// Unclaimed fds a peer of this library can hold: it sends one fd per write,
+/// and the kernel hands over one write's fds per read, so at most the fd of
+/// a frame still arriving and the one a read brought.
+const LEGIT_FDS_HELD: usize = 2;
+/// Unclaimed fds held longer than this are parked, not in transit.
+const FD_PARK_GRACE: Duration = Duration::from_secs(1);
 
 /// A namespace name as a peer announces it: not empty, not too long.
 fn check_peer_namespace(name: &str) -> Result<(), ProtocolError> {

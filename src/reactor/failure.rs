@@ -6,9 +6,16 @@ use crate::timer::after;
 impl Reactor {
     // ----- failures -------------------------------------------------------
 
+    /// Write failures: the peer is gone (or the socket broken). What it wrote
+    /// before is read first, past any pause; an exited worker is not written
+    /// to, and is finished by its reads alone.
     pub(super) fn handle_broken(&mut self) {
         while let Some((id, e)) = self.broken.pop() {
-            if self.link_of(id).is_some_and(|l| l.conn.is_some()) {
+            if self.link_of(id).is_some_and(|l| l.conn.is_some() && l.exit.is_none()) {
+                self.read_link(id.index(), false, true);
+                if !self.link_of(id).is_some_and(|l| l.conn.is_some() && l.exit.is_none()) {
+                    continue;
+                }
                 let reason = match e.kind() {
                     io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => DisconnectReason::Hangup,
                     _ => DisconnectReason::Io(e),

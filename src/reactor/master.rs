@@ -160,9 +160,10 @@ impl Reactor {
             return Err(Error::WrongRole);
         }
         self.shutting_down = true;
-        let result = self.shut_down(grace);
+        // Reset even if a callback panics out of the polls inside.
+        let result = panic::catch_unwind(AssertUnwindSafe(|| self.shut_down(grace)));
         self.shutting_down = false;
-        result
+        result.unwrap_or_else(|p| panic::resume_unwind(p))
     }
 
     fn shut_down(&mut self, grace: Duration) -> Result<(), Error> {

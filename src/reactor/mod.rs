@@ -327,6 +327,8 @@ pub struct Reactor {
     // Worker side.
     pub(crate) my_id: Option<WorkerId>,
     hello_sent: bool,
+    /// Namespaces announced to the master (it keeps every one).
+    announced: BTreeSet<String>,
     worker_error: Option<Error>,
     master_gone: bool,
 }
@@ -370,6 +372,7 @@ impl Reactor {
             shutting_down: false,
             my_id: None,
             hello_sent: false,
+            announced: BTreeSet::new(),
             worker_error: None,
             master_gone: false,
         })
@@ -609,13 +612,13 @@ impl Reactor {
             }
             if readable {
                 // After a hang-up, read on to the end of the stream.
-                self.read_link(key, !closed);
+                self.read_link(key, !closed, closed);
             }
         }
         self.ready_events = events;
         for key in backlog {
             if !self.backlog.contains(&key) {
-                self.read_link(key, false);
+                self.read_link(key, false, false);
             }
         }
         self.fire_timers();
