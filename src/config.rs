@@ -21,10 +21,11 @@ pub struct Config {
     /// queued frame is charged what it really holds: its buffers' capacity
     /// plus [`QUEUE_FRAME_OVERHEAD`]. A send that would take the queue past
     /// the limit is refused with [`Error::QueueFull`](crate::Error::QueueFull).
-    /// Replies and the library's own acks are never refused: while a queue is
-    /// over the limit, the reactor stops reading from that peer until it
-    /// drains, so a peer that sends requests and never reads its replies
-    /// blocks on its own writes.
+    /// Replies and the library's own acks are never refused: while its queue
+    /// to a worker is over the limit, a master stops reading from that worker
+    /// until it drains, so a worker that sends requests and never reads its
+    /// replies blocks on its own writes. (A worker always reads its master,
+    /// so two peers flooding each other with requests never both stop.)
     pub max_queue_bytes: usize,
     /// fds that may wait in one connection's write queue (default 1024).
     pub max_queue_fds: usize,
