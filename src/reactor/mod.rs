@@ -474,6 +474,10 @@ impl Reactor {
             if let Some(e) = self.worker_error.take() {
                 return Err(e);
             }
+            // Said by the turn that saw it: a nested loop gets no other wake-up.
+            if self.master_gone {
+                return Err(Error::Disconnected);
+            }
         }
         Ok(())
     }
@@ -487,7 +491,7 @@ impl Reactor {
             || !self.dirty.is_empty()
             || self.more_events
             || !self.outbox.borrow().frames.is_empty()
-            || (self.role == Role::Worker && !self.hello_sent && !self.master_gone)
+            || (self.role == Role::Worker && ((!self.hello_sent && !self.master_gone) || self.worker_error.is_some()))
     }
 
     /// When `poll` next has something to do without new I/O: now, if it has
