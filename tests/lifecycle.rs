@@ -103,7 +103,9 @@ fn bye_then_exit_worker() {
 fn signal_state_worker() {
     let mut r = Reactor::attach().expect("attach");
     r.on("sigstate", |_r, m: Message<()>| {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        // This thread's own mask (the process's main thread may be inside a
+        // pthread_create, which blocks every signal for a moment).
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
         let field = |name: &str| {
             let line = status.lines().find(|l| l.starts_with(name)).unwrap();
             u64::from_str_radix(line[name.len()..].trim(), 16).unwrap()
