@@ -6,7 +6,7 @@
 //! `NODE_CHANNEL_FD`.
 
 use std::env;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::process::{ChildStderr, ChildStdin, ChildStdout, Command};
 
 use mio::net::UnixStream;
@@ -46,6 +46,31 @@ pub fn is_worker() -> bool {
 fn channel_fd() -> Result<RawFd, Error> {
     let value = env::var(ENV_FD).map_err(|_| Error::NotAWorker(format!("{ENV_FD} is not set")))?;
     value.trim().parse().map_err(|_| Error::NotAWorker(format!("{ENV_FD}={value:?} is not a number")))
+}
+
+/// The worker end of [`Reactor::pair`]: attach it, on any thread.
+#[derive(Debug)]
+pub struct PairedWorker {
+    fd: OwnedFd,
+    id: WorkerId,
+}
+
+impl PairedWorker {
+    /// The worker's reactor, with default settings.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the reactor cannot be made.
+    pub fn attach(self) -> Result<Reactor, Error> {
+        self.attach_with(Config::default())
+    }
+
+    /// The worker's reactor.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the reactor cannot be made, [`Error::InvalidConfig`] for a bad `config`.
+    pub fn attach_with(self, config: Config) -> Result<Reactor, Error> {
+        Reactor::worker_on(self.fd, Some(self.id), config)
+    }
 }
 
 /// The pipes of a worker spawned with piped stdio, from [`Reactor::spawn_piped`].
@@ -120,6 +145,11 @@ impl Reactor {
         let fd = sys::adopt_channel_fd(raw).map_err(|e| Error::NotAWorker(format!("fd {raw}: {e}")))?;
         sys::set_cloexec(fd.as_fd())?;
         sys::set_nonblocking(fd.as_fd(), true)?;
+        Reactor::worker_on(fd, id, config)
+    }
+
+    /// A worker reactor on channel `fd` (non-blocking, close-on-exec).
+    fn worker_on(fd: OwnedFd, id: Option<WorkerId>, config: Config) -> Result<Reactor, Error> {
         let stream = UnixStream::from_std(std::os::unix::net::UnixStream::from(fd));
         let mut reactor = Reactor::new(Role::Worker, config)?;
         reactor.my_id = id;
@@ -127,6 +157,56 @@ impl Reactor {
         let link_id = WorkerId { key: 0, generation: 0 };
         reactor.add_link(Link::new(link_id, conn, true))?;
         Ok(reactor)
+    }
+
+    /// A master with one worker in this same process, over a socketpair: no
+    /// child process. For tests, examples and programs that want the
+    /// messaging without the processes. The worker end is `Send`: attach it
+    /// on another thread (a reactor itself stays on the thread that made it).
+    /// The worker has no process, so [`kill`](Reactor::kill) does not apply;
+    /// it ends when its reactor is dropped (the master sees `Disconnected`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use clusterphone::{Message, Reactor};
+    ///
+    /// let (mut master, worker, end) = Reactor::pair()?;
+    /// let thread = std::thread::spawn(move || -> Result<(), clusterphone::Error> {
+    ///     let mut reactor = end.attach()?;
+    ///     reactor.on("double", |_r, msg: Message<u64>| {
+    ///         let _ = msg.reply.ok(&(msg.payload * 2));
+    ///     })?;
+    ///     while reactor.poll(None).is_ok() {}
+    ///     Ok(())
+    /// });
+    /// let answer: u64 = master.request(worker, "double", &21u64, Duration::from_secs(5))?;
+    /// assert_eq!(answer, 42);
+    /// master.shutdown(Duration::from_secs(1))?;
+    /// thread.join().unwrap()?;
+    /// # Ok::<(), clusterphone::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the socketpair or the reactor cannot be made.
+    pub fn pair() -> Result<(Reactor, WorkerId, PairedWorker), Error> {
+        Self::pair_with(Config::default())
+    }
+
+    /// [`pair`](Reactor::pair), with this config for the master.
+    ///
+    /// # Errors
+    /// As [`pair`](Reactor::pair), and [`Error::InvalidConfig`] for a bad `config`.
+    pub fn pair_with(config: Config) -> Result<(Reactor, WorkerId, PairedWorker), Error> {
+        let mut master = Reactor::master_with(config)?;
+        let (ours, theirs) = sys::socketpair()?;
+        sys::set_nonblocking(ours.as_fd(), true)?;
+        sys::set_nonblocking(theirs.as_fd(), true)?;
+        master.next_generation = master.next_generation.wrapping_add(1).max(1);
+        let id = WorkerId { key: master.links.vacant_key() as u32, generation: master.next_generation };
+        let stream = UnixStream::from_std(std::os::unix::net::UnixStream::from(ours));
+        let conn = new_conn(stream, hello_frame_limit(&master.config), &master.config);
+        master.add_link(Link::new(id, conn, false))?;
+        Ok((master, id, PairedWorker { fd: theirs, id }))
     }
 
     /// On a worker: the id the master knows it by.

@@ -132,7 +132,9 @@ impl Reactor {
             Down::Exited(exit) => AckError::Exited(*exit),
             Down::Closed(_) => AckError::Disconnected,
         };
-        if let Down::Exited(_) = down {
+        // A worker without a process (an in-process pair) ends with its channel.
+        let ended = matches!(down, Down::Exited(_)) || (self.role == Role::Master && link.child.is_none());
+        if ended {
             if let Some(kill) = link.kill_timer.take() {
                 self.timers.cancel(kill);
             }
