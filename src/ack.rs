@@ -121,6 +121,10 @@ impl Responder {
     /// [`Bytes`](crate::Bytes), sent without copying (see [`Payload`]). If the
     /// reply cannot be encoded (or is too large), the sender gets an error ack
     /// instead and this returns the error.
+    ///
+    /// # Errors
+    /// [`Error::Encode`] if the reply cannot be encoded, [`Error::FrameTooLarge`] if it
+    /// exceeds `max_frame`; the sender then gets an error ack instead.
     pub fn ok<P: Payload>(mut self, reply: P) -> Result<(), Error> {
         let Some(inner) = self.inner.take() else { return Ok(()) };
         let (mut buf, max) = {

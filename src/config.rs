@@ -106,6 +106,9 @@ impl Config {
     /// config.ack_timeout = std::time::Duration::ZERO;
     /// assert!(config.validate().is_err());
     /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig), naming the first setting out of range.
     pub fn validate(&self) -> Result<(), crate::error::Error> {
         use crate::error::Error::InvalidConfig;
         if self.ack_timeout.is_zero() || self.ack_timeout > MAX_TIMEOUT {

@@ -60,6 +60,9 @@ impl PairedWorker {
     ///
     /// # Errors
     /// [`Error::Io`] if the reactor cannot be made.
+    ///
+    /// # Errors
+    /// As [`attach_with`](Reactor::attach_with).
     pub fn attach(self) -> Result<Reactor, Error> {
         self.attach_with(Config::default())
     }
@@ -92,6 +95,9 @@ fn new_conn(stream: UnixStream, max_frame: usize, config: &Config) -> Conn {
 
 impl Reactor {
     /// A reactor for the master role, with default settings.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the epoll instance cannot be made.
     pub fn master() -> Result<Reactor, Error> {
         Self::master_with(Config::default())
     }
@@ -106,6 +112,10 @@ impl Reactor {
     /// let reactor = clusterphone::Reactor::master_with(config)?;
     /// # Ok::<(), clusterphone::Error>(())
     /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a bad `config`, [`Error::Io`] if the epoll instance
+    /// cannot be made.
     pub fn master_with(config: Config) -> Result<Reactor, Error> {
         Reactor::new(Role::Master, config)
     }
@@ -122,6 +132,9 @@ impl Reactor {
     /// while reactor.poll(None).is_ok() {}
     /// # Ok::<(), clusterphone::Error>(())
     /// ```
+    ///
+    /// # Errors
+    /// As [`attach_with`](Reactor::attach_with).
     pub fn attach() -> Result<Reactor, Error> {
         Self::attach_with(Config::default())
     }

@@ -22,6 +22,10 @@ impl Reactor {
     /// })?;
     /// # Ok::<(), clusterphone::Error>(())
     /// ```
+    ///
+    /// # Errors
+    /// [`Error::EmptyCommand`] or [`Error::NameTooLong`] for a bad command name;
+    /// [`Error::TooManyNamespaces`] on a worker past [`Config::max_namespaces`].
     pub fn on<T, F>(&mut self, cmd: &str, handler: F) -> Result<(), Error>
     where
         T: DeserializeOwned + 'static,
@@ -89,6 +93,10 @@ impl Reactor {
     /// reactor.ns("myapp")?.on("foo", |_r, _msg: clusterphone::Message<String>| {})?;
     /// # Ok::<(), clusterphone::Error>(())
     /// ```
+    ///
+    /// # Errors
+    /// [`Error::EmptyNamespace`], [`Error::ReservedNamespace`] or [`Error::NameTooLong`]
+    /// (longer than [`MAX_NAMESPACE_LEN`](crate::MAX_NAMESPACE_LEN)).
     pub fn ns(&mut self, name: &str) -> Result<Ns<'_>, Error> {
         check_namespace(name)?;
         Ok(Ns { reactor: self, name: name.to_owned() })
@@ -195,6 +203,14 @@ impl Reactor {
     /// let sum: u64 = reactor.request(worker, "sum", &[1u64, 2, 3], Duration::from_secs(2))?;
     /// # Ok::<(), clusterphone::Error>(())
     /// ```
+    ///
+    /// # Errors
+    /// A refused send ([`SendError`]'s error), [`Error::Ack`] with the ack's failure
+    /// (including [`AckError::Timeout`]), [`Error::Reentrant`] inside a callback, or
+    /// an error of `poll`.
+    ///
+    /// # Panics
+    /// Resumes a panic of a handler or callback run meanwhile (see [`poll`](Reactor::poll)).
     pub fn request<R: DeserializeOwned + 'static, P: Payload>(
         &mut self,
         worker: WorkerId,
@@ -206,6 +222,12 @@ impl Reactor {
     }
 
     /// Sends a request to the master and polls until its reply (blocking).
+    ///
+    /// # Errors
+    /// As [`request`](Reactor::request); [`Error::WrongRole`] on a master.
+    ///
+    /// # Panics
+    /// As [`request`](Reactor::request).
     pub fn request_master<R: DeserializeOwned + 'static, P: Payload>(
         &mut self,
         cmd: &str,
@@ -232,6 +254,9 @@ impl Reactor {
     /// });
     /// # }
     /// ```
+    ///
+    /// # Panics
+    /// Resumes a panic of `f`, after writing what it queued.
     pub fn batch<R>(&mut self, f: impl FnOnce(&mut Reactor) -> R) -> R {
         self.depth += 1;
         let result = panic::catch_unwind(AssertUnwindSafe(|| f(&mut *self)));
@@ -247,6 +272,9 @@ impl Reactor {
     }
 
     /// Sets the default ack timeout. Zero, or more than a day, is refused.
+    ///
+    /// # Errors
+    /// [`Error::InvalidTimeout`] for zero or more than a day.
     pub fn set_ack_timeout(&mut self, timeout: Duration) -> Result<(), Error> {
         self.config.ack_timeout = check_timeout(timeout)?;
         Ok(())

@@ -9,6 +9,13 @@ impl Reactor {
     /// Drives `poll` until every write queue is empty, or fails with
     /// [`Error::FlushTimeout`]. Handlers keep running meanwhile. A worker
     /// should flush before it exits, or queued frames are lost with the process.
+    ///
+    /// # Errors
+    /// [`Error::FlushTimeout`] with frames still queued after `timeout`,
+    /// [`Error::Reentrant`] inside a callback, or an error of `poll`.
+    ///
+    /// # Panics
+    /// Resumes a panic of a handler or callback run meanwhile.
     pub fn flush(&mut self, timeout: Duration) -> Result<(), Error> {
         if self.depth > 0 {
             return Err(Error::Reentrant);
@@ -107,6 +114,10 @@ impl Reactor {
     ///
     /// The signal goes through the worker's pidfd, so it can never reach
     /// another process that reused the pid of a worker reaped elsewhere.
+    ///
+    /// # Errors
+    /// [`Error::UnknownWorker`] for an id that is not a live worker with a process,
+    /// [`Error::Io`] if the signal cannot be sent.
     pub fn kill(&mut self, worker: WorkerId) -> Result<(), Error> {
         let link = self.link_of_mut(worker).filter(|l| l.child.is_some());
         let link = link.ok_or(Error::UnknownWorker(worker))?;
@@ -125,6 +136,9 @@ impl Reactor {
     /// reactor.request_exit(worker, Duration::from_millis(500))?;
     /// # Ok::<(), clusterphone::Error>(())
     /// ```
+    ///
+    /// # Errors
+    /// [`Error::UnknownWorker`] for an id that is not a live worker.
     pub fn request_exit(&mut self, worker: WorkerId, grace: Duration) -> Result<(), Error> {
         let key = worker.index();
         if self.link(worker).is_none() {
@@ -152,6 +166,13 @@ impl Reactor {
     /// reactor.shutdown(Duration::from_secs(2))?;
     /// # Ok::<(), clusterphone::Error>(())
     /// ```
+    ///
+    /// # Errors
+    /// [`Error::WrongRole`] on a worker, [`Error::Reentrant`] inside a callback, or an
+    /// error of `poll`.
+    ///
+    /// # Panics
+    /// Resumes a panic of a callback run meanwhile (the reactor stays usable).
     pub fn shutdown(&mut self, grace: Duration) -> Result<(), Error> {
         if self.depth > 0 {
             return Err(Error::Reentrant);

@@ -453,6 +453,15 @@ impl Reactor {
     /// reactor.flush(Duration::from_secs(1))?;
     /// # Ok::<(), clusterphone::Error>(())
     /// ```
+    ///
+    /// # Errors
+    /// On a worker: [`Error::ExitRequested`] (once) and [`Error::Disconnected`] are the
+    /// normal ends; [`Error::Protocol`] or [`Error::VersionMismatch`] if the master broke
+    /// the protocol. On both roles: [`Error::Reentrant`] inside a callback, [`Error::Io`] if
+    /// `epoll_wait` fails.
+    ///
+    /// # Panics
+    /// Resumes a panic of a handler or callback, once the reactor's state is in order.
     pub fn poll(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
         if self.depth > 0 {
             return Err(Error::Reentrant);

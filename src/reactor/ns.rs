@@ -30,6 +30,9 @@ impl Ns<'_> {
     }
 
     /// Registers a handler in this namespace (see [`Reactor::on`]).
+    ///
+    /// # Errors
+    /// As [`Reactor::on`].
     pub fn on<T, F>(&mut self, cmd: &str, handler: F) -> Result<(), Error>
     where
         T: DeserializeOwned + 'static,
@@ -65,6 +68,12 @@ impl Ns<'_> {
     }
 
     /// Blocking request to `worker` in this namespace.
+    ///
+    /// # Errors
+    /// As [`Reactor::request`].
+    ///
+    /// # Panics
+    /// As [`Reactor::request`].
     pub fn request<R: DeserializeOwned + 'static, P: Payload>(
         &mut self,
         worker: WorkerId,
@@ -76,6 +85,12 @@ impl Ns<'_> {
     }
 
     /// Blocking request to the master in this namespace.
+    ///
+    /// # Errors
+    /// As [`Reactor::request_master`].
+    ///
+    /// # Panics
+    /// As [`Reactor::request`].
     pub fn request_master<R: DeserializeOwned + 'static, P: Payload>(
         &mut self,
         cmd: &str,

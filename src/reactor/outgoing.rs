@@ -16,6 +16,12 @@ impl<R: DeserializeOwned + 'static> AckHandle<R> {
     }
 
     /// Drives `reactor.poll` until the outcome is in. The ack timeout bounds the wait.
+    ///
+    /// # Errors
+    /// [`Error::Ack`] with the ack's failure, or an error of `poll`.
+    ///
+    /// # Panics
+    /// Resumes a panic of a handler or callback run meanwhile.
     pub fn wait(self, reactor: &mut Reactor) -> Result<R, Error> {
         loop {
             if let Some(o) = self.take() {
@@ -82,12 +88,22 @@ impl<P: Payload> Outgoing<'_, P> {
     }
 
     /// Sends without asking for an acknowledgement.
+    ///
+    /// # Errors
+    /// A [`SendError`] that hands the fd back: [`Error::UnknownWorker`] (no such live
+    /// worker), [`Error::Disconnected`] (worker: the master is gone), [`Error::NotReady`]
+    /// (an fd before the worker's hello, without `force_queue`), [`Error::QueueFull`],
+    /// [`Error::FrameTooLarge`], [`Error::Encode`], [`Error::EmptyCommand`],
+    /// [`Error::InvalidTimeout`] or [`Error::WrongRole`]. A refused send never calls a callback.
     pub fn send(self) -> Result<(), SendError> {
         let Outgoing { reactor, target, ns, cmd, payload, fd, options } = self;
         reactor.submit(target, ns, cmd, payload, fd, options, None)
     }
 
     /// Sends and calls `f` from `poll` with the reply or the failure, exactly once.
+    ///
+    /// # Errors
+    /// As [`send`](Outgoing::send); `f` is then never called.
     pub fn ackd<R, F>(self, f: F) -> Result<(), SendError>
     where
         R: DeserializeOwned,
@@ -99,6 +115,9 @@ impl<P: Payload> Outgoing<'_, P> {
     }
 
     /// Sends and returns a handle to check for the outcome later.
+    ///
+    /// # Errors
+    /// As [`send`](Outgoing::send).
     pub fn handle<R: DeserializeOwned + 'static>(self) -> Result<AckHandle<R>, SendError> {
         let Outgoing { reactor, target, ns, cmd, payload, fd, options } = self;
         let (handle, done) = AckHandle::new();
@@ -110,6 +129,13 @@ impl<P: Payload> Outgoing<'_, P> {
     /// Not allowed inside a handler ([`Error::Reentrant`]).
     /// If the send is refused, the fd (if any) is closed: use `.handle()` or
     /// `.send()` to get it back in [`SendError::fd`].
+    ///
+    /// # Errors
+    /// As [`send`](Outgoing::send) (the fd is closed), [`Error::Ack`] with the ack's
+    /// failure, [`Error::Reentrant`] inside a callback, or an error of `poll`.
+    ///
+    /// # Panics
+    /// Resumes a panic of a handler or callback run meanwhile.
     pub fn wait<R: DeserializeOwned + 'static>(self) -> Result<R, Error> {
         if self.reactor.in_callback() {
             return Err(Error::Reentrant);
