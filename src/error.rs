@@ -75,6 +75,9 @@ pub enum Error {
     PipedStdio,
     /// A worker tried to register more namespaces than [`Config::max_namespaces`](crate::Config::max_namespaces).
     TooManyNamespaces,
+    /// An fd given to [`SharedMemory::from_fd`](crate::SharedMemory::from_fd) is not a
+    /// memfd sealed against writes and shrinking, or is too large (the text says which).
+    BadSharedMemory(&'static str),
 }
 
 impl fmt::Display for Error {
@@ -107,6 +110,7 @@ impl fmt::Display for Error {
             Error::ShuttingDown => f.write_str("the reactor is shutting down"),
             Error::PipedStdio => f.write_str("piped stdio needs spawn_piped (nobody would read the pipes)"),
             Error::TooManyNamespaces => f.write_str("too many namespaces"),
+            Error::BadSharedMemory(why) => write!(f, "refused shared memory: {why}"),
         }
     }
 }

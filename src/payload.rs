@@ -6,6 +6,7 @@ use serde::Serialize;
 use crate::bytes::Bytes;
 use crate::codec::{self, Envelope};
 use crate::error::Error;
+use crate::raw::RawPayload;
 
 /// Below this size an owned [`Bytes`] is copied into the frame: a buffer of
 /// its own costs more than the copy.
@@ -37,6 +38,7 @@ pub trait Payload: sealed::Sealed {}
 
 impl<T: Serialize + ?Sized> Payload for &T {}
 impl Payload for Bytes {}
+impl Payload for RawPayload {}
 
 pub(crate) mod sealed {
     use super::*;
@@ -51,6 +53,13 @@ pub(crate) mod sealed {
     impl<T: Serialize + ?Sized> Sealed for &T {
         fn encode_frame(self, out: &mut Vec<u8>, env: Envelope<'_>) -> Result<Vec<u8>, Error> {
             codec::encode(out, env, self)?;
+            Ok(Vec::new())
+        }
+    }
+
+    impl Sealed for RawPayload {
+        fn encode_frame(self, out: &mut Vec<u8>, env: Envelope<'_>) -> Result<Vec<u8>, Error> {
+            codec::encode_raw(out, env, &self.0)?;
             Ok(Vec::new())
         }
     }

@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::mem;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
@@ -337,4 +337,136 @@ pub(crate) fn clear_timer(fd: BorrowedFd<'_>) {
     // SAFETY: reads at most 8 bytes into an 8-byte local buffer from a live fd.
     // EAGAIN (nothing expired) is fine to ignore.
     let _ = unsafe { libc::read(fd.as_raw_fd(), count.as_mut_ptr().cast(), count.len()) };
+}
+
+/// Seals that make a memfd's bytes immutable and its size final.
+const SEALS_FROZEN: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+/// Seals a receiver requires: no writer left (no writable mapping can exist
+/// or be made) and no shrinking (no SIGBUS on a mapped page).
+const SEALS_REQUIRED: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_WRITE;
+
+/// A shared mapping, unmapped when dropped. Private to this module: only the
+/// two owners below make one, each of which guarantees that the bytes
+/// behind it change only through it and never vanish.
+struct Mapping {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: plain memory owned by this value, tied to no thread.
+unsafe impl Send for Mapping {}
+// SAFETY: shared access only reads.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn new(fd: BorrowedFd<'_>, len: usize, writable: bool) -> io::Result<Mapping> {
+        if len == 0 {
+            return Ok(Mapping { ptr: std::ptr::NonNull::dangling(), len });
+        }
+        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+        // SAFETY: a fresh shared mapping placed by the kernel (null hint), of an
+        // fd borrowed for the call; the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED | libc::MAP_POPULATE, fd.as_raw_fd(), 0)
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        Ok(Mapping { ptr, len })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` maps `len` readable bytes while `self` lives (or is
+        // dangling with len 0), which its owner keeps unchanging behind a
+        // shared borrow and never truncated.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmaps exactly the region `new` mapped; no slice outlives
+            // `self`, since they all borrow it.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        }
+    }
+}
+
+/// A new memfd and a writable mapping of it. The fd never leaves this value
+/// while the mapping exists (`seal` unmaps first), so nothing else writes the
+/// bytes the mutable slice covers.
+pub(crate) struct MemfdWriter {
+    fd: OwnedFd,
+    map: Mapping,
+}
+
+impl MemfdWriter {
+    pub(crate) fn new(len: usize) -> io::Result<MemfdWriter> {
+        let name = c"clusterphone";
+        // SAFETY: `name` is a valid NUL-terminated string; the flags are constants.
+        let fd = cvt(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) })?;
+        // SAFETY: memfd_create returned a fresh fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let size = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        // SAFETY: ftruncate on an fd we own; no memory is touched.
+        cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), size) })?;
+        let map = Mapping::new(fd.as_fd(), len, true)?;
+        Ok(MemfdWriter { fd, map })
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        self.map.as_slice()
+    }
+
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is writable, covers `len` bytes while `self`
+        // lives, is borrowed exclusively here, and nothing else can write the
+        // memfd (its fd has not left this value).
+        unsafe { std::slice::from_raw_parts_mut(self.map.ptr.as_ptr(), self.map.len) }
+    }
+
+    /// Unmaps, then seals the memfd against every change; returns it.
+    pub(crate) fn seal(self) -> io::Result<OwnedFd> {
+        let MemfdWriter { fd, map } = self;
+        // A writable mapping would make F_SEAL_WRITE fail (EBUSY).
+        drop(map);
+        // SAFETY: F_ADD_SEALS takes an int; no memory is touched.
+        cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SEALS_FROZEN) })?;
+        Ok(fd)
+    }
+}
+
+/// A read-only mapping of a memfd sealed against writes and shrinking: its
+/// bytes can no longer change, and no page can vanish under a reader.
+pub(crate) struct SealedMap {
+    map: Mapping,
+}
+
+impl SealedMap {
+    /// Maps `fd` whole after checking that it is a memfd with the seals
+    /// above, of at most `max_len` bytes. Fails with EPERM for an fd without
+    /// those seals, EINVAL for a file that cannot be sealed, EFBIG when too large.
+    pub(crate) fn new(fd: BorrowedFd<'_>, max_len: usize) -> io::Result<SealedMap> {
+        // SAFETY: F_GET_SEALS only queries (EINVAL for a file that is not sealable).
+        let seals = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })?;
+        if seals & SEALS_REQUIRED != SEALS_REQUIRED {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        // SAFETY: an all-zero stat is a valid value for fstat to overwrite.
+        let mut st: libc::stat = unsafe { mem::zeroed() };
+        // SAFETY: `st` is valid for writes; the fd is borrowed for the call.
+        cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+        let len = usize::try_from(st.st_size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        if len > max_len {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        }
+        // Sealed against shrinking: `len` bytes stay backed for the mapping's life.
+        Ok(SealedMap { map: Mapping::new(fd, len, false)? })
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        self.map.as_slice()
+    }
 }

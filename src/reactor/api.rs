@@ -4,6 +4,7 @@ use super::*;
 
 /// Written buffers kept for responders' replies.
 const OUTBOX_SPARES: usize = 16;
+use crate::raw::RawPayload;
 use crate::timer::after;
 
 impl Reactor {
@@ -53,8 +54,10 @@ impl Reactor {
                 return Err(Error::TooManyNamespaces);
             }
         }
-        let wrapped =
-            Box::new(move |r: &mut Reactor, inc: Incoming<'_>| match crate::codec::decode_cbor::<T>(inc.payload) {
+        let wrapped = Box::new(move |r: &mut Reactor, inc: Incoming<'_>| {
+            match RawPayload::received_as::<T>(inc.payload)
+                .map_or_else(|| crate::codec::decode_cbor::<T>(inc.payload), Ok)
+            {
                 Ok(payload) => handler(r, Message { from: inc.from, payload, fd: inc.fd, reply: inc.responder }),
                 Err(text) => {
                     if inc.responder.wanted() {
@@ -62,7 +65,8 @@ impl Reactor {
                     }
                     r.note_unhandled(inc.from, inc.ns, inc.cmd, AckError::BadPayload(text));
                 }
-            });
+            }
+        });
         self.handlers.insert(ns, cmd, wrapped);
         if self.role == Role::Worker && self.hello_sent && !self.announced.contains(ns) {
             self.announced.insert(ns.to_owned());
