@@ -1,0 +1,513 @@
+//! The master's measurements: `Bench` and its phases, each run against
+//! clusterphone or one raw baseline.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use clusterphone::{AckError, Bytes, Error, Reactor, WorkerId};
+
+use crate::alloc::{count_start, count_stop};
+use crate::baselines::RawIo;
+use crate::options::{Impl, Opts, Sizes};
+use crate::protocol::{payload, Job, Mode, Payload, Work, SENTINEL};
+use crate::report::Fig;
+use crate::sys::{cpu_ns, pipe};
+use crate::worker::worker_command;
+
+const BIG: usize = 64 * 1024;
+const WINDOW: u64 = 64;
+/// Generous ack timeout for the bench's own requests.
+const T: Duration = Duration::from_secs(60);
+
+pub(crate) struct Bench {
+    pub(crate) r: Reactor,
+    pub(crate) w: WorkerId,
+    pub(crate) opts: Opts,
+    pub(crate) s: Sizes,
+    pub(crate) figs: Vec<Fig>,
+    pub(crate) notes: Vec<String>,
+}
+
+fn percentile(sorted: &[u64], p: usize) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)] as f64
+}
+
+struct Cap(Instant);
+
+impl Cap {
+    fn new(d: Duration) -> Cap {
+        Cap(Instant::now() + d)
+    }
+    fn over(&self) -> bool {
+        Instant::now() >= self.0
+    }
+}
+
+pub(crate) type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+impl Bench {
+    fn fig(&mut self, imp: Impl, metric: &'static str, value: f64, n: u64) {
+        self.figs.push(Fig { imp: imp.name(), metric, value, n });
+    }
+
+    /// Hands the worker a fresh socketpair end for a raw job; returns our end.
+    fn raw(&mut self, mode: Mode, work: Work) -> Res<RawIo> {
+        let (ours, theirs) = UnixStream::pair()?;
+        let job = Job { mode, work };
+        self.r.send_to(self.w, "raw", &job, Some(OwnedFd::from(theirs))).within(T).wait::<()>()?;
+        Ok(RawIo::new(ours, mode, false)?)
+    }
+
+    // (a) request/ack round trip.
+    pub(crate) fn rtt(&mut self, imp: Impl) -> Res<()> {
+        let lat = self.rtt_samples(imp, self.s.warm, self.s.rtt)?;
+        let n = lat.len() as u64;
+        self.fig(imp, "rtt_p50_us", percentile(&lat, 50) / 1e3, n);
+        self.fig(imp, "rtt_p99_us", percentile(&lat, 99) / 1e3, n);
+        Ok(())
+    }
+
+    fn rtt_samples(&mut self, imp: Impl, warm: u64, count: u64) -> Res<Vec<u64>> {
+        let mut p = payload();
+        let mut lat = Vec::with_capacity(count as usize);
+        let cap = self.s.cap;
+        match imp.raw_mode() {
+            None => {
+                for i in 0..warm {
+                    p.n = i;
+                    let got: u64 = self.r.request(self.w, "rtt", &p, T)?;
+                    assert_eq!(got, i);
+                }
+                let cap = Cap::new(cap);
+                for i in 0..count {
+                    p.n = i;
+                    let t = Instant::now();
+                    let got: u64 = self.r.request(self.w, "rtt", &p, T)?;
+                    lat.push(t.elapsed().as_nanos() as u64);
+                    assert_eq!(got, i);
+                    if i % 256 == 255 && cap.over() {
+                        break;
+                    }
+                }
+            }
+            Some(mode) => {
+                let mut io = self.raw(mode, Work::Echo)?;
+                for i in 0..warm {
+                    p.n = i;
+                    io.send(&p, None)?;
+                    assert_eq!(io.recv::<u64>()?, i);
+                }
+                let cap = Cap::new(cap);
+                for i in 0..count {
+                    p.n = i;
+                    let t = Instant::now();
+                    io.send(&p, None)?;
+                    let got: u64 = io.recv()?;
+                    lat.push(t.elapsed().as_nanos() as u64);
+                    assert_eq!(got, i);
+                    if i % 256 == 255 && cap.over() {
+                        break;
+                    }
+                }
+            }
+        }
+        lat.sort_unstable();
+        Ok(lat)
+    }
+
+    // (b) one-way messages, the worker confirming the count.
+    pub(crate) fn oneway(&mut self, imp: Impl) -> Res<()> {
+        let (sent, secs) = self.oneway_run(imp, self.s.oneway)?;
+        self.fig(imp, "oneway_msgs_per_s", sent as f64 / secs, sent);
+        Ok(())
+    }
+
+    fn oneway_run(&mut self, imp: Impl, count: u64) -> Res<(u64, f64)> {
+        let mut p = payload();
+        let cap = self.s.cap;
+        let mut sent = 0;
+        match imp.raw_mode() {
+            None => {
+                let t = Instant::now();
+                let cap = Cap::new(cap);
+                let w = self.w;
+                while sent < count {
+                    // Bursts of 64 sends in a batch: one sendmsg each (Reactor::batch).
+                    let end = (sent + 64).min(count);
+                    let (n, full) = self.r.batch(|r| {
+                        let mut n = sent;
+                        while n < end {
+                            p.n = n;
+                            match r.send_to(w, "oneway", &p, None).send() {
+                                Ok(()) => n += 1,
+                                Err(e) if matches!(e.error, Error::QueueFull) => return Ok((n, true)),
+                                Err(e) => return Err(e),
+                            }
+                        }
+                        Ok((n, false))
+                    })?;
+                    if full {
+                        self.r.poll(Some(Duration::from_millis(1)))?;
+                    }
+                    let before = sent;
+                    sent = n;
+                    if sent / 1024 != before / 1024 && cap.over() {
+                        break;
+                    }
+                }
+                let got: u64 = self.r.request(self.w, "count", &(), T)?;
+                assert_eq!(got, sent, "worker counted {got} of {sent}");
+                Ok((sent, t.elapsed().as_secs_f64()))
+            }
+            Some(mode) => {
+                let mut io = self.raw(mode, Work::Count)?;
+                let t = Instant::now();
+                let cap = Cap::new(cap);
+                while sent < count {
+                    p.n = sent;
+                    io.send(&p, None)?;
+                    sent += 1;
+                    if sent % 1024 == 0 && cap.over() {
+                        break;
+                    }
+                }
+                p.n = SENTINEL;
+                io.send(&p, None)?;
+                let got: u64 = io.recv()?;
+                assert_eq!(got, sent, "worker counted {got} of {sent}");
+                Ok((sent, t.elapsed().as_secs_f64()))
+            }
+        }
+    }
+
+    // (c) acked requests, 64 outstanding.
+    pub(crate) fn window(&mut self, imp: Impl) -> Res<()> {
+        let count = self.s.window;
+        let cap = Cap::new(self.s.cap);
+        let t = Instant::now();
+        let done = match imp.raw_mode() {
+            None => {
+                struct St {
+                    w: WorkerId,
+                    p: RefCell<Payload>,
+                    sent: Cell<u64>,
+                    done: Cell<u64>,
+                    limit: Cell<u64>,
+                }
+                fn issue(r: &mut Reactor, st: &Rc<St>) {
+                    let i = st.sent.get();
+                    st.sent.set(i + 1);
+                    st.p.borrow_mut().n = i;
+                    let st2 = st.clone();
+                    r.send_to(st.w, "rtt", &*st.p.borrow(), None)
+                        .within(T)
+                        .ackd(move |r, res: Result<u64, AckError>| {
+                            assert_eq!(res.expect("window ack"), i);
+                            st2.done.set(st2.done.get() + 1);
+                            if st2.sent.get() < st2.limit.get() {
+                                issue(r, &st2);
+                            }
+                        })
+                        .expect("window send");
+                }
+                let st = Rc::new(St {
+                    w: self.w,
+                    p: RefCell::new(payload()),
+                    sent: Cell::new(0),
+                    done: Cell::new(0),
+                    limit: Cell::new(count),
+                });
+                for _ in 0..WINDOW.min(count) {
+                    issue(&mut self.r, &st);
+                }
+                while st.done.get() < st.sent.get() {
+                    self.r.poll(Some(Duration::from_millis(10)))?;
+                    if cap.over() {
+                        st.limit.set(st.sent.get());
+                    }
+                }
+                st.done.get()
+            }
+            Some(mode) => {
+                let mut io = self.raw(mode, Work::Echo)?;
+                let mut p = payload();
+                let (mut sent, mut done, mut limit) = (0u64, 0u64, count);
+                while sent < WINDOW.min(count) {
+                    p.n = sent;
+                    io.send(&p, None)?;
+                    sent += 1;
+                }
+                while done < sent {
+                    let got: u64 = io.recv()?;
+                    assert_eq!(got, done);
+                    done += 1;
+                    if done % 1024 == 0 && cap.over() {
+                        limit = sent;
+                    }
+                    if sent < limit {
+                        p.n = sent;
+                        io.send(&p, None)?;
+                        sent += 1;
+                    }
+                }
+                done
+            }
+        };
+        let secs = t.elapsed().as_secs_f64();
+        self.fig(imp, "window_msgs_per_s", done as f64 / secs, done);
+        Ok(())
+    }
+
+    // (d) 64 KiB echo.
+    pub(crate) fn big(&mut self, imp: Impl) -> Res<()> {
+        let data = Bytes::from((0..BIG).map(|i| (i * 7) as u8).collect::<Vec<u8>>());
+        let (warm, count) = (self.s.big_warm, self.s.big);
+        let cap = self.s.cap;
+        let mut lat = Vec::with_capacity(count as usize);
+        let t;
+        match imp.raw_mode() {
+            None => {
+                // Owned payloads both ways (see `clusterphone::Payload`): each
+                // echo is sent on as the next request, so no side copies it
+                // into a frame.
+                let mut data = data;
+                for _ in 0..warm {
+                    data = self.r.request(self.w, "big", data, T)?;
+                    assert_eq!(data.len(), BIG);
+                }
+                let cap = Cap::new(cap);
+                t = Instant::now();
+                for _ in 0..count {
+                    let t1 = Instant::now();
+                    data = self.r.request(self.w, "big", data, T)?;
+                    lat.push(t1.elapsed().as_nanos() as u64);
+                    assert_eq!(data.len(), BIG);
+                    if cap.over() {
+                        break;
+                    }
+                }
+            }
+            Some(mode) => {
+                let mut io = self.raw(mode, Work::Big)?;
+                for _ in 0..warm {
+                    io.send(&data, None)?;
+                    assert_eq!(io.recv::<Bytes>()?.len(), BIG);
+                }
+                let cap = Cap::new(cap);
+                t = Instant::now();
+                for _ in 0..count {
+                    let t1 = Instant::now();
+                    io.send(&data, None)?;
+                    let back: Bytes = io.recv()?;
+                    lat.push(t1.elapsed().as_nanos() as u64);
+                    assert_eq!(back.len(), BIG);
+                    if cap.over() {
+                        break;
+                    }
+                }
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let n = lat.len() as u64;
+        lat.sort_unstable();
+        self.fig(imp, "big_MBps", (n as usize * BIG) as f64 / secs / 1e6, n);
+        self.fig(imp, "big_rtt_p50_us", percentile(&lat, 50) / 1e3, n);
+        Ok(())
+    }
+
+    // (e) fd passing: a fresh fd per message, closed by the sender after sending.
+    pub(crate) fn fd(&mut self, imp: Impl) -> Res<()> {
+        let (_read_end, write_end) = pipe()?;
+        let count = self.s.fd;
+        let cap = Cap::new(self.s.cap);
+        let mut p = payload();
+        let t = Instant::now();
+        let mut sent = 0u64;
+        let (frames, fds) = match imp.raw_mode() {
+            None => {
+                while sent < count {
+                    p.n = sent;
+                    let mut fd = Some(write_end.try_clone()?);
+                    loop {
+                        match self.r.send_to(self.w, "fd", &p, fd.take()).send() {
+                            Ok(()) => break,
+                            Err(e) if matches!(e.error, Error::QueueFull) => {
+                                fd = e.into_fd();
+                                self.r.poll(Some(Duration::from_millis(1)))?;
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    sent += 1;
+                    if sent % 1024 == 0 && cap.over() {
+                        break;
+                    }
+                }
+                self.r.request::<(u64, u64), _>(self.w, "fdcount", &(), T)?
+            }
+            Some(mode) => {
+                let mut io = self.raw(mode, Work::Fd)?;
+                while sent < count {
+                    p.n = sent;
+                    let fd = write_end.try_clone()?;
+                    io.send(&p, Some(fd.as_raw_fd()))?;
+                    drop(fd);
+                    sent += 1;
+                    if sent % 1024 == 0 && cap.over() {
+                        break;
+                    }
+                }
+                p.n = SENTINEL;
+                io.send(&p, None)?;
+                io.recv::<(u64, u64)>()?
+            }
+        };
+        let secs = t.elapsed().as_secs_f64();
+        assert_eq!((frames, fds), (sent, sent), "worker got {frames} messages and {fds} fds of {sent}");
+        self.fig(imp, "fd_per_s", sent as f64 / secs, sent);
+        Ok(())
+    }
+
+    // (f) master CPU per ack, `batch` outstanding at a time.
+    pub(crate) fn ack_cpu(&mut self, imp: Impl, batch: u64, total: u64, metric: &'static str) -> Res<()> {
+        let cap = Cap::new(self.s.cap);
+        let mut acks = 0u64;
+        let mut p = payload();
+        let cpu0;
+        match imp.raw_mode() {
+            None => {
+                let done = Rc::new(Cell::new(0u64));
+                cpu0 = cpu_ns();
+                loop {
+                    for i in 0..batch {
+                        p.n = i;
+                        let d = done.clone();
+                        self.r.send_to(self.w, "rtt", &p, None).within(T).ackd(
+                            move |_r, res: Result<u64, AckError>| {
+                                res.expect("ack");
+                                d.set(d.get() + 1);
+                            },
+                        )?;
+                    }
+                    while done.get() < acks + batch {
+                        self.r.poll(Some(Duration::from_millis(10)))?;
+                    }
+                    acks += batch;
+                    if acks >= total || cap.over() {
+                        break;
+                    }
+                }
+            }
+            Some(mode) => {
+                let mut io = self.raw(mode, Work::Echo)?;
+                let mut pending: HashSet<u64> = HashSet::new();
+                cpu0 = cpu_ns();
+                loop {
+                    for i in 0..batch {
+                        p.n = i;
+                        pending.insert(i);
+                        io.send(&p, None)?;
+                    }
+                    while !pending.is_empty() {
+                        let got: u64 = io.recv()?;
+                        assert!(pending.remove(&got), "unexpected reply {got}");
+                    }
+                    acks += batch;
+                    if acks >= total || cap.over() {
+                        break;
+                    }
+                }
+            }
+        }
+        let ns = (cpu_ns() - cpu0) as f64 / acks as f64;
+        self.fig(imp, metric, ns, acks);
+        Ok(())
+    }
+
+    /// Allocations per operation, both processes together (counting on only here).
+    pub(crate) fn allocs(&mut self, imp: Impl) -> Res<()> {
+        let ops = self.s.alloc_ops;
+        let per_op = |b: &mut Bench, what: &str, f: &mut dyn FnMut(&mut Bench) -> Res<u64>| -> Res<f64> {
+            let _: (u64, i64) = b.r.request(b.w, "allocs", &true, T)?;
+            count_start();
+            let done = f(b)?;
+            let (mine, _) = count_stop();
+            let (theirs, _): (u64, i64) = b.r.request(b.w, "allocs", &false, T)?;
+            let total = (mine + theirs) as f64 / done as f64;
+            b.notes.push(format!(
+                "{:<13} {what:<7} allocs/op: master {:.2} + worker {:.2} = {total:.2} (over {done} ops)",
+                imp.name(),
+                mine as f64 / done as f64,
+                theirs as f64 / done as f64
+            ));
+            Ok(total)
+        };
+        let rtt = per_op(self, "rtt", &mut |b| Ok(b.rtt_samples(imp, 0, ops)?.len() as u64))?;
+        self.fig(imp, "rtt_allocs_per_op", rtt, ops);
+        let ow = per_op(self, "oneway", &mut |b| Ok(b.oneway_run(imp, ops * 10)?.0))?;
+        self.fig(imp, "oneway_allocs_per_msg", ow, ops * 10);
+        Ok(())
+    }
+
+    /// Master heap per idle connected worker, and per pending ack.
+    pub(crate) fn memory(&mut self) -> Res<()> {
+        // Idle workers: a fresh master, so nothing is pre-grown.
+        let mut m = Reactor::master()?;
+        let k = self.s.mem_workers;
+        let cmds: Vec<Command> = (0..k).map(|_| worker_command(&self.opts, false)).collect::<io::Result<_>>()?;
+        m.poll(Some(Duration::ZERO))?;
+        count_start();
+        let mut ids = Vec::new();
+        for cmd in cmds {
+            ids.push(m.spawn(cmd)?);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ids.iter().all(|&id| m.is_ready(id)) {
+            assert!(Instant::now() < deadline, "idle workers did not come up");
+            m.poll(Some(Duration::from_millis(5)))?;
+        }
+        // Let the hello replies go out, so only steady-state memory remains.
+        m.flush(Duration::from_secs(5))?;
+        let (_, heap) = count_stop();
+        self.fig(Impl::Cp, "mem_per_worker_bytes", heap as f64 / k as f64, k as u64);
+        m.shutdown(Duration::from_secs(2))?;
+        drop(m);
+
+        // Pending acks: a fresh master and worker; the worker holds every responder.
+        let mut m = Reactor::master()?;
+        let w = m.spawn(worker_command(&self.opts, false)?)?;
+        let _: u64 = m.request(w, "rtt", &payload(), T)?;
+        let n = self.s.mem_acks;
+        let done = Rc::new(Cell::new(0u64));
+        let mut p = payload();
+        count_start();
+        for i in 0..n {
+            p.n = i;
+            let d = done.clone();
+            m.send_to(w, "hold", &p, None).within(T).ackd(move |_r, res: Result<u64, AckError>| {
+                res.expect("held ack");
+                d.set(d.get() + 1);
+            })?;
+        }
+        m.flush(Duration::from_secs(30))?;
+        let (_, heap) = count_stop();
+        assert_eq!(m.pending_acks() as u64, n);
+        self.fig(Impl::Cp, "mem_per_pending_ack_bytes", heap as f64 / n as f64, n);
+        let released: u64 = m.request(w, "release", &(), T)?;
+        assert_eq!(released, n);
+        while done.get() < n {
+            m.poll(Some(Duration::from_millis(10)))?;
+        }
+        m.shutdown(Duration::from_secs(2))?;
+        Ok(())
+    }
+}
