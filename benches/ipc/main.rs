@@ -74,7 +74,8 @@ use clusterphone::{Config, Reactor};
 
 use crate::options::{show_stats, wakeups_from_env, Impl, Opts, Sizes, BUSY_WINDOW};
 use crate::phases::{Bench, Res};
-use crate::report::print_report;
+use crate::protocol::HUGE_FRAME;
+use crate::report::{print_report, summarize};
 use crate::sys::{pin_to, start_watchdog};
 use crate::worker::{worker_command, worker_main, ROLE_VAR};
 
@@ -105,6 +106,7 @@ fn master_main() -> Res<()> {
         config.busy_poll = Some(BUSY_WINDOW);
     }
     config.writable_wakeups = wakeups_from_env();
+    config.max_frame = HUGE_FRAME;
     let mut r = Reactor::master_with(config)?;
     let busy = opts.busy;
     let w = r.spawn(worker_command(&opts, busy)?)?;
@@ -124,7 +126,18 @@ fn master_main() -> Res<()> {
     );
 
     let rounds = b.opts.rounds;
-    if busy {
+    if b.opts.shm {
+        for round in 0..rounds {
+            for imp in rotated(&[Impl::CpShm, Impl::CpSocket, Impl::Memcpy], round) {
+                eprintln!("  huge {} (round {})", imp.name(), round + 1);
+                b.huge(imp)?;
+            }
+        }
+        let median = |imp: Impl| summarize(&b.figs, imp.name(), "huge_rtt_p50_ms").map(|s| s.median);
+        if let (Some(shm), Some(socket)) = (median(Impl::CpShm), median(Impl::CpSocket)) {
+            b.notes.push(format!("16 MiB round trip: shared memory {:.1}x faster than the socket", socket / shm));
+        }
+    } else if busy {
         for round in 0..rounds {
             for imp in rotated(&[Impl::CpBusy, Impl::RawBusy], round) {
                 eprintln!("  rtt {} (round {})", imp.name(), round + 1);

@@ -37,6 +37,12 @@ pub(crate) enum Impl {
     RawMioLazy,
     CpBusy,
     RawBusy,
+    /// 16 MiB through the socket (owned `Bytes` both ways).
+    CpSocket,
+    /// 16 MiB as a sealed memfd both ways.
+    CpShm,
+    /// One memcpy of 16 MiB: the floor.
+    Memcpy,
 }
 
 impl Impl {
@@ -52,12 +58,15 @@ impl Impl {
             Impl::RawMioLazy => "raw-mio-lazyw",
             Impl::CpBusy => "clusterphone-busy",
             Impl::RawBusy => "raw-busy",
+            Impl::CpSocket => "clusterphone-socket",
+            Impl::CpShm => "clusterphone-shm",
+            Impl::Memcpy => "memcpy",
         }
     }
 
     pub(crate) fn raw_mode(self) -> Option<Mode> {
         match self {
-            Impl::Cp | Impl::CpBusy => None,
+            Impl::Cp | Impl::CpBusy | Impl::CpSocket | Impl::CpShm | Impl::Memcpy => None,
             Impl::RawBlocking => Some(Mode::Blocking),
             Impl::RawMio => Some(Mode::Mio),
             Impl::RawMioLazy => Some(Mode::MioLazy),
@@ -91,6 +100,8 @@ impl Placement {
 pub(crate) struct Opts {
     pub(crate) placement: Placement,
     pub(crate) busy: bool,
+    /// `--shm`: the 16 MiB round trip, shared memory vs the socket vs one memcpy.
+    pub(crate) shm: bool,
     pub(crate) quick: bool,
     pub(crate) only: Option<Vec<String>>,
     pub(crate) impls: Option<Vec<String>>,
@@ -105,6 +116,7 @@ impl Opts {
         let mut o = Opts {
             placement: Placement::Split,
             busy: false,
+            shm: false,
             quick: false,
             only: None,
             impls: None,
@@ -130,6 +142,7 @@ impl Opts {
                     }
                 },
                 "--busy-poll" => o.busy = true,
+                "--shm" => o.shm = true,
                 // The worker inherits the variable.
                 "--lean" => std::env::set_var(WAKEUPS_VAR, "never"),
                 "--wakeups" => match value(&mut args).as_deref() {

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use clusterphone::{AckError, Bytes, Error, Reactor, WorkerId};
+use clusterphone::{AckError, Bytes, Error, Message, Reactor, SharedMemory, WorkerId};
 
 use crate::alloc::{count_start, count_stop};
 use crate::baselines::RawIo;
@@ -21,6 +21,8 @@ use crate::sys::{cpu_ns, pipe};
 use crate::worker::worker_command;
 
 const BIG: usize = 64 * 1024;
+/// The payload of the 16 MiB round trip.
+const HUGE: usize = 16 << 20;
 const WINDOW: u64 = 64;
 /// Generous ack timeout for the bench's own requests.
 const T: Duration = Duration::from_secs(60);
@@ -321,6 +323,60 @@ impl Bench {
         lat.sort_unstable();
         self.fig(imp, "big_MBps", (n as usize * BIG) as f64 / secs / 1e6, n);
         self.fig(imp, "big_rtt_p50_us", percentile(&lat, 50) / 1e3, n);
+        Ok(())
+    }
+
+    // (h) 16 MiB round trip: shared memory both ways, the socket both ways
+    // (owned buffers), and one memcpy of 16 MiB (the floor).
+    pub(crate) fn huge(&mut self, imp: Impl) -> Res<()> {
+        let count = if self.opts.quick { 3 } else { 30 };
+        let mut lat = Vec::with_capacity(count);
+        match imp {
+            Impl::CpShm => {
+                let shm = SharedMemory::copy_from(&vec![7u8; HUGE])?;
+                let back: Rc<RefCell<Option<OwnedFd>>> = Rc::default();
+                let b = back.clone();
+                self.r.on("huge_back", move |_r, mut m: Message<()>| *b.borrow_mut() = m.fd.take())?;
+                for _ in 0..count + 1 {
+                    let t1 = Instant::now();
+                    self.r.send_to(self.w, "huge_shm", &(), Some(shm.to_fd()?)).send()?;
+                    while back.borrow().is_none() {
+                        self.r.poll(Some(T))?;
+                    }
+                    let fd = back.borrow_mut().take().expect("checked");
+                    let mapped = SharedMemory::from_fd(fd, HUGE)?;
+                    assert_eq!(mapped.len(), HUGE);
+                    drop(mapped);
+                    lat.push(t1.elapsed().as_nanos() as u64);
+                }
+                lat.remove(0); // warm-up
+                self.r.off("huge_back");
+            }
+            Impl::CpSocket => {
+                let mut data = Bytes(vec![7u8; HUGE]);
+                for _ in 0..count + 1 {
+                    let t1 = Instant::now();
+                    data = self.r.request(self.w, "big", data, T)?;
+                    lat.push(t1.elapsed().as_nanos() as u64);
+                    assert_eq!(data.len(), HUGE);
+                }
+                lat.remove(0);
+            }
+            _ => {
+                let src = vec![7u8; HUGE];
+                let mut dst = vec![0u8; HUGE];
+                for _ in 0..count + 1 {
+                    let t1 = Instant::now();
+                    dst.copy_from_slice(std::hint::black_box(&src));
+                    std::hint::black_box(&mut dst);
+                    lat.push(t1.elapsed().as_nanos() as u64);
+                }
+                lat.remove(0);
+            }
+        }
+        let n = lat.len() as u64;
+        lat.sort_unstable();
+        self.fig(imp, "huge_rtt_p50_ms", percentile(&lat, 50) / 1e6, n);
         Ok(())
     }
 

@@ -3,6 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// `max_frame` on both sides: room for the 16 MiB round trip through the socket.
+pub(crate) const HUGE_FRAME: usize = 32 << 20;
+
 /// `n` of the raw frame that ends a one-way or fd run ("tell me your count").
 pub(crate) const SENTINEL: u64 = u64::MAX;
 

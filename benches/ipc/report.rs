@@ -23,6 +23,7 @@ const METRICS: &[(&str, &str, bool)] = &[
     ("oneway_allocs_per_msg", "allocs", true),
     ("mem_per_worker_bytes", "bytes", true),
     ("mem_per_pending_ack_bytes", "bytes", true),
+    ("huge_rtt_p50_ms", "ms", true),
 ];
 
 fn unit_of(metric: &str) -> &'static str {
@@ -40,15 +41,15 @@ fn fmt_value(v: f64) -> String {
 }
 
 /// One figure over all rounds: the median, the range, and the samples summed.
-struct Summary {
-    median: f64,
+pub(crate) struct Summary {
+    pub(crate) median: f64,
     min: f64,
     max: f64,
     rounds: usize,
     n: u64,
 }
 
-fn summarize(figs: &[Fig], imp: &str, metric: &str) -> Option<Summary> {
+pub(crate) fn summarize(figs: &[Fig], imp: &str, metric: &str) -> Option<Summary> {
     let mut values: Vec<f64> = figs.iter().filter(|f| f.imp == imp && f.metric == metric).map(|f| f.value).collect();
     if values.is_empty() {
         return None;
@@ -80,7 +81,7 @@ pub(crate) fn print_report(figs: &[Fig], notes: &[String], placement: &str) {
     }
     for o in &ours {
         for b in &base {
-            let short = if o.ends_with("-busy") { "cp-busy" } else { "cp" };
+            let short = o.replacen("clusterphone", "cp", 1);
             header += &format!(" {:>17}", format!("{short}/{b}"));
         }
     }

@@ -8,12 +8,12 @@ use std::process::{Command, Stdio};
 use std::rc::Rc;
 use std::time::Duration;
 
-use clusterphone::{Bytes, Config, Error, Message, Reactor, Responder};
+use clusterphone::{Bytes, Config, Error, Message, Reactor, Responder, SharedMemory};
 
 use crate::alloc::{count_start, count_stop};
 use crate::baselines::raw_serve;
 use crate::options::{show_stats, wakeups_from_env, Opts, BUSY_WINDOW};
-use crate::protocol::{Job, Payload};
+use crate::protocol::{Job, Payload, HUGE_FRAME};
 use crate::sys::{pin_to, start_watchdog};
 
 pub(crate) const ROLE_VAR: &str = "CP_BENCH_ROLE";
@@ -46,6 +46,7 @@ pub(crate) fn worker_main() -> Result<(), Error> {
         config.busy_poll = Some(BUSY_WINDOW);
     }
     config.writable_wakeups = wakeups_from_env();
+    config.max_frame = HUGE_FRAME;
     let mut r = Reactor::attach_with(config)?;
 
     let count = Rc::new(Cell::new(0u64));
@@ -53,6 +54,13 @@ pub(crate) fn worker_main() -> Result<(), Error> {
     let held: Rc<RefCell<Vec<Responder>>> = Rc::default();
     let job: Rc<RefCell<Option<(Job, OwnedFd)>>> = Rc::default();
 
+    // The shared-memory echo: map what came, send the same memory back.
+    r.on("huge_shm", |r, mut m: Message<()>| {
+        let Some(fd) = m.fd.take() else { return };
+        let shm = SharedMemory::from_fd(fd, HUGE_FRAME).expect("a sealed memfd");
+        let back = shm.to_fd().expect("dup");
+        r.send_to_master("huge_back", &(), Some(back)).send().expect("send back");
+    })?;
     r.on("rtt", |_r, m: Message<Payload>| {
         let _ = m.reply.ok(&m.payload.n);
     })?;
