@@ -8,73 +8,14 @@ use std::os::unix::process::ExitStatusExt;
 use std::rc::Rc;
 use std::time::Duration;
 
-use clusterphone::{AckError, Error, Message, Reactor, Responder, WorkerId};
+use clusterphone::{AckError, Error, Message, Reactor, Responder};
+use util::events::{Ev, Events};
 
 const SECS: Duration = Duration::from_secs(10);
 
-#[test]
-fn worker_entry() {
-    let Some(role) = util::role() else { return };
-    util::worker_watchdog();
-    match role.as_str() {
-        "answerer" => answerer(),
-        "late-attach" => {
-            std::thread::sleep(Duration::from_millis(400));
-            answerer()
-        }
-        "close-channel" => {
-            // Attach, then close the channel but keep running a while.
-            let r = Reactor::attach().unwrap();
-            drop(r);
-            std::thread::sleep(Duration::from_secs(3));
-        }
-        "die-with-grandchild" => {
-            // Leave a grandchild holding a copy of our channel, then die.
-            let raw: i32 = std::env::var(clusterphone::ENV_FD).unwrap().parse().unwrap();
-            // SAFETY: dup of the inherited channel fd; the copy has no close-on-exec flag.
-            let copy = unsafe { libc::dup(raw) };
-            assert!(copy >= 0);
-            let mut r = Reactor::attach().unwrap();
-            // Orphaned on purpose when we die; the test kills it and init reaps it.
-            #[allow(clippy::zombie_processes)]
-            let gc = std::process::Command::new("sleep").arg("20").spawn().unwrap();
-            r.send_to_master("grandchild", &gc.id(), None).send().unwrap();
-            r.on("die", |_r, _m: Message<()>| std::process::exit(3)).unwrap();
-            let held: Rc<RefCell<Vec<Responder>>> = Rc::default();
-            r.on("hold", move |_r, m: Message<u64>| held.borrow_mut().push(m.reply)).unwrap();
-            util::serve(&mut r);
-        }
-        "ask-master" => {
-            let mut r = Reactor::attach().unwrap();
-            let a: u64 = r.request_master("double", &21u64, SECS).unwrap();
-            let e = r.request_master::<u64, _>("fail", &(), SECS).unwrap_err();
-            let ok = a == 42 && matches!(e, Error::Ack(AckError::Remote(ref t)) if t == "no way");
-            // Then lose the master with acks pending: all fail with Disconnected, poll says so.
-            let outcomes: Rc<RefCell<Vec<AckError>>> = Rc::default();
-            for _ in 0..5 {
-                let o = outcomes.clone();
-                r.send_to_master("hold", &(), None)
-                    .ackd(move |_r, res: Result<(), AckError>| o.borrow_mut().push(res.unwrap_err()))
-                    .unwrap();
-            }
-            r.send_to_master("report", &ok, None).send().unwrap();
-            let end = loop {
-                match r.poll(Some(Duration::from_millis(50))) {
-                    Ok(()) => continue,
-                    Err(e) => break e,
-                }
-            };
-            let all = outcomes.borrow().len() == 5 && outcomes.borrow().iter().all(|e| *e == AckError::Disconnected);
-            let code = if ok && all && matches!(end, Error::Disconnected) { 0 } else { 1 };
-            if let Ok(path) = std::env::var("CP_RESULT") {
-                std::fs::write(path, format!("{code} {:?} {:?}", end, outcomes.borrow())).unwrap();
-            }
-            std::process::exit(code);
-        }
-        other => panic!("unknown role {other}"),
-    }
-}
-
+/// The worker most tests here talk to: doubles, fails, drops its responder,
+/// holds responders and releases them, records, reports its stats, and asks
+/// the master back before it replies.
 fn answerer() {
     let mut r = Reactor::attach().unwrap();
     let held: Rc<RefCell<Vec<Responder>>> = Rc::default();
@@ -118,12 +59,6 @@ fn answerer() {
     util::serve(&mut r);
 }
 
-fn spawn_ready(r: &mut Reactor, role: &str) -> WorkerId {
-    let w = r.spawn(util::worker_command(role)).unwrap();
-    util::poll_until(r, SECS, |r| r.is_ready(w));
-    w
-}
-
 fn master_with_double() -> Reactor {
     let mut r = Reactor::master().unwrap();
     r.on("double", |_r, m: Message<u64>| m.reply.ok(&(m.payload * 2)).unwrap()).unwrap();
@@ -133,9 +68,10 @@ fn master_with_double() -> Reactor {
 
 #[test]
 fn replies_travel_both_ways_in_every_form() {
+    util::child("answerer", answerer);
     let _d = util::deadline(SECS * 3);
     let mut r = master_with_double();
-    let w = spawn_ready(&mut r, "answerer");
+    let w = util::spawn_ready(&mut r, "answerer");
     // Blocking.
     assert_eq!(r.request::<u64, _>(w, "double", &4u64, SECS).unwrap(), 8);
     // Handle.
@@ -164,9 +100,10 @@ fn replies_travel_both_ways_in_every_form() {
 
 #[test]
 fn remote_error_no_handler_unknown_namespace_dropped() {
+    util::child("answerer", answerer);
     let _d = util::deadline(SECS * 3);
     let mut r = master_with_double();
-    let w = spawn_ready(&mut r, "answerer");
+    let w = util::spawn_ready(&mut r, "answerer");
     let e = r.request::<(), _>(w, "fail", &(), SECS).unwrap_err();
     assert!(matches!(e, Error::Ack(AckError::Remote(ref t)) if t == "no way"), "{e:?}");
     let e = r.request::<(), _>(w, "missing", &(), SECS).unwrap_err();
@@ -182,9 +119,10 @@ fn remote_error_no_handler_unknown_namespace_dropped() {
 
 #[test]
 fn deferred_replies_and_the_hundred_thousand() {
+    util::child("answerer", answerer);
     let _d = util::deadline(SECS * 6);
     let mut r = master_with_double();
-    let w = spawn_ready(&mut r, "answerer");
+    let w = util::spawn_ready(&mut r, "answerer");
     const N: usize = 100_000;
     let outcomes: Rc<RefCell<Vec<u32>>> = Rc::new(RefCell::new(vec![0; N]));
     for i in 0..N {
@@ -210,9 +148,10 @@ fn deferred_replies_and_the_hundred_thousand() {
 
 #[test]
 fn timeouts_per_message_and_global_and_invalid() {
+    util::child("answerer", answerer);
     let _d = util::deadline(SECS * 3);
     let mut r = master_with_double();
-    let w = spawn_ready(&mut r, "answerer");
+    let w = util::spawn_ready(&mut r, "answerer");
     let e = r.send_to(w, "hold", &1u64, None).within(Duration::from_millis(100)).wait::<u64>().unwrap_err();
     assert!(matches!(e, Error::Ack(AckError::Timeout)), "{e:?}");
     r.set_ack_timeout(Duration::from_millis(100)).unwrap();
@@ -231,8 +170,15 @@ fn timeouts_per_message_and_global_and_invalid() {
     r.shutdown(SECS).unwrap();
 }
 
+/// The answerer, attached (so saying hello) only after 400 ms.
+fn late_attach() {
+    std::thread::sleep(Duration::from_millis(400));
+    answerer()
+}
+
 #[test]
 fn a_message_that_times_out_in_the_queue_is_never_delivered() {
+    util::child("late-attach", late_attach);
     let _d = util::deadline(SECS * 3);
     let mut r = master_with_double();
     let w = r.spawn(util::worker_command("late-attach")).unwrap();
@@ -250,10 +196,11 @@ fn a_message_that_times_out_in_the_queue_is_never_delivered() {
 
 #[test]
 fn kill_9_fails_a_thousand_acks_exactly_once_while_another_worker_answers() {
+    util::child("answerer", answerer);
     let _d = util::deadline(SECS * 3);
     let mut r = master_with_double();
-    let victim = spawn_ready(&mut r, "answerer");
-    let other = spawn_ready(&mut r, "answerer");
+    let victim = util::spawn_ready(&mut r, "answerer");
+    let other = util::spawn_ready(&mut r, "answerer");
     type Outcomes = HashMap<usize, Vec<Result<u64, AckError>>>;
     let outcomes: Rc<RefCell<Outcomes>> = Rc::default();
     for i in 0..1000 {
@@ -263,18 +210,14 @@ fn kill_9_fails_a_thousand_acks_exactly_once_while_another_worker_answers() {
             .unwrap();
     }
     r.poll(Some(Duration::from_millis(20))).unwrap();
-    let events: Rc<RefCell<Vec<String>>> = Rc::default();
-    let ev = events.clone();
-    r.on_worker_event(move |_r, id, e| ev.borrow_mut().push(format!("{id} {e:?}")));
+    let events = Events::record(&mut r);
     r.kill(victim).unwrap();
     let mut answers = 0u64;
     while outcomes.borrow().len() < 1000 {
         // The other worker keeps answering meanwhile.
         answers += r.request::<u64, _>(other, "double", &1u64, SECS).unwrap();
     }
-    for _ in 0..5 {
-        r.poll(Some(Duration::from_millis(10))).unwrap();
-    }
+    util::settle(&mut r, 5);
     let outcomes = outcomes.borrow();
     assert_eq!(outcomes.len(), 1000);
     for (i, v) in outcomes.iter() {
@@ -286,41 +229,62 @@ fn kill_9_fails_a_thousand_acks_exactly_once_while_another_worker_answers() {
     }
     assert!(answers >= 2);
     assert_eq!(r.request::<u64, _>(other, "double", &2u64, SECS).unwrap(), 4);
-    {
-        let events = events.borrow();
-        assert_eq!(events.len(), 1, "{events:?}");
-        assert!(events[0].contains("Exited"), "{events:?}");
-    }
+    let events = events.all();
+    assert!(matches!(events[..], [(_, Ev::Exited(_))]), "{events:?}");
     drop(outcomes);
     r.shutdown(SECS).unwrap();
 }
 
+/// Attaches, then closes the channel but keeps running a while.
+fn close_channel() {
+    let r = Reactor::attach().unwrap();
+    drop(r);
+    std::thread::sleep(Duration::from_secs(3));
+}
+
 #[test]
 fn a_worker_that_closes_its_channel_but_runs_on() {
+    util::child("close-channel", close_channel);
     let _d = util::deadline(SECS * 3);
     let mut r = master_with_double();
-    let events: Rc<RefCell<Vec<String>>> = Rc::default();
-    let ev = events.clone();
-    r.on_worker_event(move |_r, _id, e| ev.borrow_mut().push(format!("{e:?}")));
+    let events = Events::record(&mut r);
     let w = r.spawn(util::worker_command("close-channel")).unwrap();
     // Queued for a worker that attaches and closes its channel without a hello.
     let h = r.send_to(w, "double", &1u64, None).handle::<u64>().unwrap();
     util::poll_until(&mut r, SECS, |_| h.is_done());
     assert_eq!(h.take().unwrap().unwrap_err(), AckError::Disconnected);
-    assert!(events.borrow()[0].starts_with("Disconnected"), "{:?}", events.borrow());
+    assert!(events.all()[0].1.is_disconnect(), "{events:?}");
     assert!(r.worker_pid(w).is_some(), "still running, not yet reaped");
     util::poll_until(&mut r, SECS, |r| r.workers().is_empty());
-    assert!(events.borrow().last().unwrap().starts_with("Exited"), "{:?}", events.borrow());
+    assert!(matches!(events.all().last(), Some((_, Ev::Exited(_)))), "{events:?}");
+}
+
+/// Leaves a grandchild holding a copy of our channel, then dies on `die`.
+fn die_with_grandchild() {
+    let raw: i32 = std::env::var(clusterphone::ENV_FD).unwrap().parse().unwrap();
+    // SAFETY: dup of the inherited channel fd; the copy has no close-on-exec flag.
+    let copy = unsafe { libc::dup(raw) };
+    assert!(copy >= 0);
+    let mut r = Reactor::attach().unwrap();
+    // Orphaned on purpose when we die; the test kills it and init reaps it.
+    #[allow(clippy::zombie_processes)]
+    let gc = std::process::Command::new("sleep").arg("20").spawn().unwrap();
+    r.send_to_master("grandchild", &gc.id(), None).send().unwrap();
+    r.on("die", |_r, _m: Message<()>| std::process::exit(3)).unwrap();
+    let held: Rc<RefCell<Vec<Responder>>> = Rc::default();
+    r.on("hold", move |_r, m: Message<u64>| held.borrow_mut().push(m.reply)).unwrap();
+    util::serve(&mut r);
 }
 
 #[test]
 fn a_worker_that_dies_while_a_grandchild_holds_its_socket() {
+    util::child("die-with-grandchild", die_with_grandchild);
     let _d = util::deadline(SECS * 3);
     let mut r = master_with_double();
     let grandchild = Rc::new(RefCell::new(None));
     let g = grandchild.clone();
     r.on("grandchild", move |_r, m: Message<u32>| *g.borrow_mut() = Some(m.payload)).unwrap();
-    let w = spawn_ready(&mut r, "die-with-grandchild");
+    let w = util::spawn_ready(&mut r, "die-with-grandchild");
     util::poll_until(&mut r, SECS, |_| grandchild.borrow().is_some());
     let pending = r.send_to(w, "hold", &1u64, None).handle::<u64>().unwrap();
     r.send_to(w, "die", &(), None).send().unwrap();
@@ -333,8 +297,40 @@ fn a_worker_that_dies_while_a_grandchild_holds_its_socket() {
     unsafe { libc::kill(gc as i32, libc::SIGKILL) };
 }
 
+/// Asks the master, then loses it with acks pending: all fail with
+/// Disconnected, and poll says so. Reports by its exit code (and in the
+/// file `CP_RESULT` names, if set).
+fn ask_master() {
+    let mut r = Reactor::attach().unwrap();
+    let a: u64 = r.request_master("double", &21u64, SECS).unwrap();
+    let e = r.request_master::<u64, _>("fail", &(), SECS).unwrap_err();
+    let ok = a == 42 && matches!(e, Error::Ack(AckError::Remote(ref t)) if t == "no way");
+    // Then lose the master with acks pending: all fail with Disconnected, poll says so.
+    let outcomes: Rc<RefCell<Vec<AckError>>> = Rc::default();
+    for _ in 0..5 {
+        let o = outcomes.clone();
+        r.send_to_master("hold", &(), None)
+            .ackd(move |_r, res: Result<(), AckError>| o.borrow_mut().push(res.unwrap_err()))
+            .unwrap();
+    }
+    r.send_to_master("report", &ok, None).send().unwrap();
+    let end = loop {
+        match r.poll(Some(Duration::from_millis(50))) {
+            Ok(()) => continue,
+            Err(e) => break e,
+        }
+    };
+    let all = outcomes.borrow().len() == 5 && outcomes.borrow().iter().all(|e| *e == AckError::Disconnected);
+    let code = if ok && all && matches!(end, Error::Disconnected) { 0 } else { 1 };
+    if let Ok(path) = std::env::var("CP_RESULT") {
+        std::fs::write(path, format!("{code} {:?} {:?}", end, outcomes.borrow())).unwrap();
+    }
+    std::process::exit(code);
+}
+
 #[test]
 fn a_worker_loses_its_master_with_acks_pending() {
+    util::child("ask-master", ask_master);
     let _d = util::deadline(SECS * 3);
     let dir = std::env::temp_dir().join(format!("cp-ack-{}", std::process::id()));
     // A long grace: dropping the master waits for the worker to exit by itself.
@@ -366,9 +362,10 @@ fn a_worker_loses_its_master_with_acks_pending() {
 
 #[test]
 fn an_unacked_message_puts_no_ack_frame_on_the_wire() {
+    util::child("answerer", answerer);
     let _d = util::deadline(SECS * 3);
     let mut r = master_with_double();
-    let w = spawn_ready(&mut r, "answerer");
+    let w = util::spawn_ready(&mut r, "answerer");
     for i in 0..100 {
         r.send_to(w, "record", &format!("{i}"), None).send().unwrap();
     }
@@ -386,9 +383,10 @@ fn an_unacked_message_puts_no_ack_frame_on_the_wire() {
 
 #[test]
 fn shutdown_fails_what_is_pending_and_reaps() {
+    util::child("answerer", answerer);
     let _d = util::deadline(SECS * 3);
     let mut r = master_with_double();
-    let w = spawn_ready(&mut r, "answerer");
+    let w = util::spawn_ready(&mut r, "answerer");
     let h = r.send_to(w, "hold", &1u64, None).handle::<u64>().unwrap();
     r.shutdown(SECS).unwrap();
     let e = h.take().unwrap().unwrap_err();

@@ -10,80 +10,15 @@ use std::process::Stdio;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use clusterphone::{AckError, Config, Error, Message, Peer, Reactor, WorkerEvent, WorkerId, WritableWakeups};
+use clusterphone::{AckError, Config, Error, Message, Peer, Reactor, WorkerId, WritableWakeups};
+use util::events::{Ev, Events};
 
 const SECS: Duration = Duration::from_secs(10);
 /// Frames the burst-exit worker sends just before it exits.
 const BURST: u64 = 20_000;
 
-#[test]
-fn worker_entry() {
-    let Some(role) = util::role() else { return };
-    util::worker_watchdog();
-    match role.as_str() {
-        "general" => general_worker(),
-        "burst-exit" => {
-            let mut r = Reactor::attach().unwrap();
-            for i in 0..BURST {
-                r.send_to_master("burst", &i, None).send().unwrap();
-            }
-            r.flush(SECS).unwrap();
-            std::process::exit(0);
-        }
-        "exit-now" => {
-            let _r = Reactor::attach().unwrap();
-            std::process::exit(7);
-        }
-        "attach-bad" => {
-            // CLUSTERPHONE_FD names stdin, which is not a socket.
-            let ok = matches!(Reactor::attach(), Err(Error::NotAWorker(_)));
-            let again = matches!(Reactor::attach(), Err(Error::NotAWorker(_)));
-            std::process::exit(if ok && again { 0 } else { 1 });
-        }
-        "grandchild" => {
-            // Must not have inherited the channel: no variable, and the parent's fd number closed.
-            let fd: i32 = std::env::args().next_back().unwrap().parse().unwrap();
-            // SAFETY: F_GETFD on an arbitrary number only queries; EBADF if not open.
-            let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
-            std::process::exit(if !clusterphone::is_worker() && !open { 0 } else { 1 });
-        }
-        "grandchild-holds-channel" => {
-            // A grandchild inherits a copy of the channel, so our death closes no socket:
-            // only a check of our own exit status can tell the master we are gone.
-            let raw: i32 = std::env::var(clusterphone::ENV_FD).unwrap().parse().unwrap();
-            // SAFETY: dup of the inherited channel fd; the copy has no close-on-exec flag.
-            assert!(unsafe { libc::dup(raw) } >= 0);
-            let mut r = Reactor::attach().unwrap();
-            // Reaped by init once the test kills it.
-            #[allow(clippy::zombie_processes)]
-            let gc = std::process::Command::new("sleep").arg("20").spawn().unwrap();
-            r.on("grandchild", move |_r, m: Message<()>| m.reply.ok(&gc.id()).unwrap()).unwrap();
-            // Never answered: its ack can only end with our exit.
-            let held: Rc<RefCell<Vec<clusterphone::Responder>>> = Rc::default();
-            r.on("hold", move |_r, m: Message<()>| held.borrow_mut().push(m.reply)).unwrap();
-            util::serve(&mut r);
-        }
-        "roles" => {
-            let mut r = Reactor::attach().unwrap();
-            let spawn = matches!(r.spawn(util::worker_command("general")), Err(Error::WrongRole));
-            let me = r.worker_id().expect("the master told us our id");
-            let send = r.send_to(me, "x", &(), None).send();
-            let send = matches!(send, Err(e) if matches!(e.error, Error::WrongRole));
-            std::process::exit(if spawn && send { 0 } else { 1 });
-        }
-        "ignore-exit" => {
-            let mut r = Reactor::attach().unwrap();
-            loop {
-                match r.poll(Some(Duration::from_millis(50))) {
-                    Err(Error::Disconnected) => break,
-                    _ => continue,
-                }
-            }
-        }
-        other => panic!("unknown role {other}"),
-    }
-}
-
+/// The worker most tests here talk to: pings back, counts and reports, sends
+/// on request, registers and removes handlers, and spawns a grandchild.
 fn general_worker() {
     let channel: i32 = std::env::var(clusterphone::ENV_FD).unwrap().parse().unwrap();
     let mut r = Reactor::attach().unwrap();
@@ -151,21 +86,16 @@ fn general_worker() {
     util::serve(&mut r);
 }
 
-fn spawn_ready(r: &mut Reactor, role: &str) -> WorkerId {
-    let w = r.spawn(util::worker_command(role)).unwrap();
-    util::poll_until(r, SECS, |r| r.is_ready(w));
-    w
-}
-
 #[test]
 fn messages_flow_both_ways_with_sender_identity() {
+    util::child("general", general_worker);
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
     let got: Rc<RefCell<Vec<(Peer, u64)>>> = Rc::default();
     let g = got.clone();
     r.on("pong", move |_r, msg: Message<u64>| g.borrow_mut().push((msg.from, msg.payload))).unwrap();
-    let a = spawn_ready(&mut r, "general");
-    let b = spawn_ready(&mut r, "general");
+    let a = util::spawn_ready(&mut r, "general");
+    let b = util::spawn_ready(&mut r, "general");
     r.send_to(a, "ping", &10u64, None).send().unwrap();
     r.send_to(b, "ping", &20u64, None).send().unwrap();
     util::poll_until(&mut r, SECS, |_| got.borrow().len() == 2);
@@ -177,9 +107,10 @@ fn messages_flow_both_ways_with_sender_identity() {
 
 #[test]
 fn namespaces_keep_handlers_apart() {
+    util::child("general", general_worker);
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
-    let w = spawn_ready(&mut r, "general");
+    let w = util::spawn_ready(&mut r, "general");
     let d: String = r.request(w, "dual", &(), SECS).unwrap();
     let a: String = r.ns("a").unwrap().request(w, "dual", &(), SECS).unwrap();
     assert_eq!((d.as_str(), a.as_str()), ("default", "ns-a"));
@@ -196,15 +127,10 @@ fn namespaces_keep_handlers_apart() {
 
 #[test]
 fn messages_queued_before_hello_keep_their_order() {
+    util::child("general", general_worker);
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
-    let readies: Rc<RefCell<Vec<WorkerId>>> = Rc::default();
-    let rd = readies.clone();
-    r.on_worker_event(move |_r, id, ev| {
-        if let WorkerEvent::Ready = ev {
-            rd.borrow_mut().push(id)
-        }
-    });
+    let events = Events::record(&mut r);
     let w = r.spawn(util::worker_command("general")).unwrap();
     assert!(!r.is_ready(w));
     for i in 0..300u64 {
@@ -214,7 +140,9 @@ fn messages_queued_before_hello_keep_their_order() {
     assert_eq!(frames, 300, "held until hello");
     assert!(bytes > 0);
     util::poll_until(&mut r, SECS, |r| r.is_ready(w));
-    assert_eq!(*readies.borrow(), vec![w]);
+    let readies: Vec<WorkerId> =
+        events.all().into_iter().filter(|(_, e)| matches!(e, Ev::Ready)).map(|(id, _)| id).collect();
+    assert_eq!(readies, vec![w]);
     for i in 300..600u64 {
         r.send_to(w, "num", &i, None).send().unwrap();
     }
@@ -225,9 +153,10 @@ fn messages_queued_before_hello_keep_their_order() {
 
 #[test]
 fn unknown_command_and_namespace_are_reported_not_lost() {
+    util::child("general", general_worker);
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
-    let w = spawn_ready(&mut r, "general");
+    let w = util::spawn_ready(&mut r, "general");
     let e = r.request::<(), _>(w, "nope", &(), SECS).unwrap_err();
     assert!(matches!(e, Error::Ack(AckError::NoHandler)), "{e:?}");
     let e = r.ns("zzz").unwrap().request::<(), _>(w, "dual", &(), SECS).unwrap_err();
@@ -249,17 +178,21 @@ fn unknown_command_and_namespace_are_reported_not_lost() {
     r.shutdown(SECS).unwrap();
 }
 
+/// Attaches (says hello) and exits with 7.
+fn exit_now_worker() {
+    let _r = Reactor::attach().unwrap();
+    std::process::exit(7);
+}
+
 #[test]
 fn sending_to_an_exited_worker_is_an_error() {
+    util::child("exit-now", exit_now_worker);
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
-    let events: Rc<RefCell<Vec<String>>> = Rc::default();
-    let ev = events.clone();
-    r.on_worker_event(move |_r, _id, e| ev.borrow_mut().push(format!("{e:?}")));
+    let events = Events::record(&mut r);
     let w = r.spawn(util::worker_command("exit-now")).unwrap();
-    let evs = events.clone();
-    util::poll_until(&mut r, SECS, |_| evs.borrow().iter().any(|e| e.contains("Exited")));
-    assert!(events.borrow().last().unwrap().contains("Exited"), "{:?}", events.borrow());
+    util::poll_until(&mut r, SECS, |_| events.all().iter().any(|(_, e)| matches!(e, Ev::Exited(_))));
+    assert!(matches!(events.all().last(), Some((_, Ev::Exited(_)))), "{events:?}");
     assert!(r.workers().is_empty());
     let e = r.send_to(w, "x", &1, None).send().unwrap_err();
     assert!(matches!(e.error, Error::UnknownWorker(id) if id == w));
@@ -273,12 +206,13 @@ fn sending_to_an_exited_worker_is_an_error() {
 
 #[test]
 fn ten_thousand_messages_each_way_in_order() {
+    util::child("general", general_worker);
     let _d = util::deadline(SECS * 6);
     let mut r = Reactor::master().unwrap();
     let got: Rc<RefCell<Vec<u64>>> = Rc::default();
     let g = got.clone();
     r.on("from-worker", move |_r, msg: Message<u64>| g.borrow_mut().push(msg.payload)).unwrap();
-    let w = spawn_ready(&mut r, "general");
+    let w = util::spawn_ready(&mut r, "general");
     for i in 0..10_000u64 {
         r.send_to(w, "num", &i, None).send().unwrap();
     }
@@ -292,9 +226,10 @@ fn ten_thousand_messages_each_way_in_order() {
 
 #[test]
 fn zero_timeout_poll_never_blocks() {
+    util::child("general", general_worker);
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
-    let w = spawn_ready(&mut r, "general");
+    let w = util::spawn_ready(&mut r, "general");
     assert!(r.next_deadline().is_none(), "no timer armed: a blocking poll would wait forever");
     for _ in 0..1000 {
         r.poll(Some(Duration::ZERO)).unwrap();
@@ -305,12 +240,13 @@ fn zero_timeout_poll_never_blocks() {
 
 #[test]
 fn poll_timeouts_hold_whatever_waits_came_before() {
+    util::child("general", general_worker);
     let _d = util::deadline(SECS * 6);
     let mut r = Reactor::master().unwrap();
     let pongs = Rc::new(RefCell::new(0));
     let p = pongs.clone();
     r.on("pong", move |_r, _m: Message<u64>| *p.borrow_mut() += 1).unwrap();
-    let w = spawn_ready(&mut r, "general");
+    let w = util::spawn_ready(&mut r, "general");
     // Each poll below returns early, on the pong, leaving its own (long or
     // short) wait set in the reactor.
     let until_pong = |r: &mut Reactor, timeout: Duration| {
@@ -344,12 +280,13 @@ fn readable_now(r: &Reactor) -> bool {
 
 #[test]
 fn a_nesting_loop_is_not_woken_by_an_earlier_polls_timer() {
+    util::child("general", general_worker);
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
     let pongs = Rc::new(RefCell::new(0u32));
     let p = pongs.clone();
     r.on("pong", move |_r, _m: Message<u64>| *p.borrow_mut() += 1).unwrap();
-    let w = spawn_ready(&mut r, "general");
+    let w = util::spawn_ready(&mut r, "general");
     r.poll(Some(Duration::from_millis(50))).unwrap(); // outlives the waits of spawn_ready
                                                       // One ordinary timed poll that returns early, on the pong.
     r.send_to(w, "ping", &1u64, None).send().unwrap();
@@ -379,6 +316,7 @@ fn a_nesting_loop_is_not_woken_by_an_earlier_polls_timer() {
 
 /// How long a 5 ms ack timeout takes to fire, for a message queued to a
 /// child that never says hello.
+#[track_caller]
 fn ack_timeout_lateness(busy: Option<Duration>) -> Duration {
     let mut config = Config::default();
     config.busy_poll = busy;
@@ -416,12 +354,13 @@ fn busy_polling_does_not_hold_back_timers() {
 
 #[test]
 fn poll_none_sleeps_through_an_earlier_polls_timer() {
+    util::child("general", general_worker);
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
     let pongs = Rc::new(RefCell::new(0u32));
     let p = pongs.clone();
     r.on("pong", move |_r, _m: Message<u64>| *p.borrow_mut() += 1).unwrap();
-    let w = spawn_ready(&mut r, "general");
+    let w = util::spawn_ready(&mut r, "general");
     r.poll(Some(Duration::from_millis(50))).unwrap();
     // A child that never says hello and exits in 700 ms: the only event to come.
     let mut cmd = std::process::Command::new("sleep");
@@ -441,12 +380,13 @@ fn poll_none_sleeps_through_an_earlier_polls_timer() {
 
 #[test]
 fn handlers_can_register_remove_and_send_reentrantly() {
+    util::child("general", general_worker);
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
     let done = Rc::new(RefCell::new(0));
     let d = done.clone();
     r.on("setup-done", move |_r, _m: Message<()>| *d.borrow_mut() += 1).unwrap();
-    let w = spawn_ready(&mut r, "general");
+    let w = util::spawn_ready(&mut r, "general");
     r.request::<(), _>(w, "setup", &(), SECS).unwrap();
     util::poll_until(&mut r, SECS, |_| *done.borrow() == 1);
     assert_eq!(r.request::<String, _>(w, "later", &(), SECS).unwrap(), "later-ok");
@@ -475,8 +415,19 @@ fn handlers_can_register_remove_and_send_reentrantly() {
     r.shutdown(SECS).unwrap();
 }
 
+/// Sends `BURST` frames, flushes and exits at once.
+fn burst_then_exit_worker() {
+    let mut r = Reactor::attach().unwrap();
+    for i in 0..BURST {
+        r.send_to_master("burst", &i, None).send().unwrap();
+    }
+    r.flush(SECS).unwrap();
+    std::process::exit(0);
+}
+
 #[test]
 fn a_worker_that_sends_and_exits_at_once_loses_nothing() {
+    util::child("burst-exit", burst_then_exit_worker);
     let _d = util::deadline(SECS * 3);
     let mut config = Config::default();
     // Far below the burst: frames are still buffered (or unread) when the exit shows.
@@ -485,23 +436,25 @@ fn a_worker_that_sends_and_exits_at_once_loses_nothing() {
     let got: Rc<RefCell<Vec<u64>>> = Rc::default();
     let g = got.clone();
     r.on("burst", move |_r, msg: Message<u64>| g.borrow_mut().push(msg.payload)).unwrap();
-    let exited = Rc::new(RefCell::new(None));
-    let ex = exited.clone();
-    r.on_worker_event(move |_r, _id, e| {
-        if let WorkerEvent::Exited(s) = e {
-            *ex.borrow_mut() = s.status
-        }
-    });
-    r.spawn(util::worker_command("burst-exit")).unwrap();
-    util::poll_until(&mut r, SECS, |_| exited.borrow().is_some());
-    assert_eq!(exited.borrow().unwrap().code(), Some(0));
+    let events = Events::record(&mut r);
+    let w = r.spawn(util::worker_command("burst-exit")).unwrap();
+    assert_eq!(events.wait_exit(&mut r, w).status.unwrap().code(), Some(0));
     let got = got.borrow();
     assert_eq!(got.len() as u64, BURST, "frames lost at the exit");
     assert!(got.iter().copied().eq(0..BURST), "frames out of order");
 }
 
+/// `CLUSTERPHONE_FD` names stdin, which is not a socket: exits 0 if attach
+/// says so, twice.
+fn attach_bad() {
+    let ok = matches!(Reactor::attach(), Err(Error::NotAWorker(_)));
+    let again = matches!(Reactor::attach(), Err(Error::NotAWorker(_)));
+    std::process::exit(if ok && again { 0 } else { 1 });
+}
+
 #[test]
 fn attach_outside_a_worker_is_a_clear_error() {
+    util::child("attach-bad", attach_bad);
     let _d = util::deadline(SECS);
     // This test process was not spawned by a master.
     if !clusterphone::is_worker() {
@@ -513,11 +466,22 @@ fn attach_outside_a_worker_is_a_clear_error() {
     assert!(status.success());
 }
 
+/// A worker's child: exits 0 if it has not inherited the channel (no
+/// variable, and the parent's fd number, its last argument, closed).
+fn grandchild() {
+    let fd: i32 = std::env::args().next_back().unwrap().parse().unwrap();
+    // SAFETY: F_GETFD on an arbitrary number only queries; EBADF if not open.
+    let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+    std::process::exit(if !clusterphone::is_worker() && !open { 0 } else { 1 });
+}
+
 #[test]
 fn the_channel_is_not_inherited_by_grandchildren() {
+    util::child("general", general_worker);
+    util::child("grandchild", grandchild);
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
-    let w = spawn_ready(&mut r, "general");
+    let w = util::spawn_ready(&mut r, "general");
     let fd: i32 = r.request(w, "channel-fd", &(), SECS).unwrap();
     assert!(fd >= 0);
     let clean: bool = r.request(w, "spawn-grandchild", &fd, SECS).unwrap();
@@ -527,9 +491,10 @@ fn the_channel_is_not_inherited_by_grandchildren() {
 
 #[test]
 fn master_fds_are_close_on_exec() {
+    util::child("general", general_worker);
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
-    let w = spawn_ready(&mut r, "general");
+    let w = util::spawn_ready(&mut r, "general");
     // Every fd the master holds for the reactor (epoll, socket, pidfd) is close-on-exec.
     let mut checked = 0;
     for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
@@ -549,31 +514,37 @@ fn master_fds_are_close_on_exec() {
     util::poll_until(&mut r, SECS, |r| r.workers().is_empty());
 }
 
+/// Ignores the master's request to exit; leaves only when the channel closes.
+fn ignore_exit_worker() {
+    let mut r = Reactor::attach().unwrap();
+    loop {
+        match r.poll(Some(Duration::from_millis(50))) {
+            Err(Error::Disconnected) => break,
+            _ => continue,
+        }
+    }
+}
+
 #[test]
 fn request_exit_kills_a_worker_that_ignores_it() {
+    util::child("general", general_worker);
+    util::child("ignore-exit", ignore_exit_worker);
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
-    let status = Rc::new(RefCell::new(None));
-    let st = status.clone();
-    r.on_worker_event(move |_r, _id, e| {
-        if let WorkerEvent::Exited(s) = e {
-            *st.borrow_mut() = s.status
-        }
-    });
-    let polite = spawn_ready(&mut r, "general");
-    let stubborn = spawn_ready(&mut r, "ignore-exit");
+    let events = Events::record(&mut r);
+    let polite = util::spawn_ready(&mut r, "general");
+    let stubborn = util::spawn_ready(&mut r, "ignore-exit");
     r.request_exit(polite, SECS).unwrap();
-    util::poll_until(&mut r, SECS, |_| status.borrow().is_some());
-    assert_eq!(status.borrow_mut().take().unwrap().code(), Some(0));
+    assert_eq!(events.wait_exit(&mut r, polite).status.unwrap().code(), Some(0));
     r.request_exit(stubborn, Duration::from_millis(100)).unwrap();
-    util::poll_until(&mut r, SECS, |_| status.borrow().is_some());
     use std::os::unix::process::ExitStatusExt;
-    assert_eq!(status.borrow().unwrap().signal(), Some(libc::SIGKILL));
+    assert_eq!(events.wait_exit(&mut r, stubborn).status.unwrap().signal(), Some(libc::SIGKILL));
     assert!(r.workers().is_empty());
 }
 
 #[test]
 fn a_panicking_handler_leaves_the_reactor_consistent() {
+    util::child("general", general_worker);
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
     let handled: Rc<RefCell<Vec<u64>>> = Rc::default();
@@ -588,7 +559,7 @@ fn a_panicking_handler_leaves_the_reactor_consistent() {
     let count = Rc::new(RefCell::new(0));
     let c = count.clone();
     r.on("echoed", move |_r, _m: Message<u64>| *c.borrow_mut() += 1).unwrap();
-    let w = spawn_ready(&mut r, "general");
+    let w = util::spawn_ready(&mut r, "general");
     r.send_to(w, "go", &3u64, None).send().unwrap();
     r.send_to(w, "echo-back", &1u64, None).send().unwrap();
     let mut panics = 0;
@@ -610,6 +581,7 @@ fn a_panicking_handler_leaves_the_reactor_consistent() {
 
 #[test]
 fn nests_in_a_foreign_poller_without_stalling() {
+    util::child("general", general_worker);
     let _d = util::deadline(SECS * 3);
     let mut config = Config::default();
     config.frames_per_poll = 1; // force the fairness budget to bite
@@ -635,30 +607,35 @@ fn nests_in_a_foreign_poller_without_stalling() {
     r.shutdown(SECS).unwrap();
 }
 
+/// Exits 0 if a worker can neither spawn nor `send_to`.
+fn roles_worker() {
+    let mut r = Reactor::attach().unwrap();
+    let spawn = matches!(r.spawn(util::worker_command("general")), Err(Error::WrongRole));
+    let me = r.worker_id().expect("the master told us our id");
+    let send = r.send_to(me, "x", &(), None).send();
+    let send = matches!(send, Err(e) if matches!(e.error, Error::WrongRole));
+    std::process::exit(if spawn && send { 0 } else { 1 });
+}
+
 #[test]
 fn spawn_and_send_are_role_checked() {
+    util::child("roles", roles_worker);
     let _d = util::deadline(SECS);
     let mut r = Reactor::master().unwrap();
     let e = r.send_to_master("x", &(), None).send().unwrap_err();
     assert!(matches!(e.error, Error::WrongRole));
     // And on a worker: no spawn, no send_to.
-    let status = Rc::new(RefCell::new(None));
-    let st = status.clone();
-    r.on_worker_event(move |_r, _id, e| {
-        if let WorkerEvent::Exited(s) = e {
-            *st.borrow_mut() = s.status
-        }
-    });
-    r.spawn(util::worker_command("roles")).unwrap();
-    util::poll_until(&mut r, SECS, |_| status.borrow().is_some());
-    assert!(status.borrow().unwrap().success(), "a worker could spawn or send_to");
+    let events = Events::record(&mut r);
+    let w = r.spawn(util::worker_command("roles")).unwrap();
+    assert!(events.wait_exit(&mut r, w).status.unwrap().success(), "a worker could spawn or send_to");
 }
 
 #[test]
 fn a_batch_coalesces_sends_into_few_writes() {
+    util::child("general", general_worker);
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
-    let w = spawn_ready(&mut r, "general");
+    let w = util::spawn_ready(&mut r, "general");
     let before = r.stats();
     for i in 0..1000u64 {
         r.send_to(w, "num", &i, None).send().unwrap();
@@ -686,9 +663,10 @@ fn a_batch_coalesces_sends_into_few_writes() {
 
 #[test]
 fn replies_to_one_read_share_a_write() {
+    util::child("general", general_worker);
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
-    let w = spawn_ready(&mut r, "general");
+    let w = util::spawn_ready(&mut r, "general");
     let (frames0, calls0): (u64, u64) = r.request(w, "writes", &(), SECS).unwrap();
     let answers: Rc<RefCell<Vec<String>>> = Rc::default();
     r.batch(|r| {
@@ -710,42 +688,55 @@ fn replies_to_one_read_share_a_write() {
     r.shutdown(SECS).unwrap();
 }
 
+/// Leaves a grandchild holding a copy of the channel, so our death closes no
+/// socket: only a check of our own exit status can tell the master we are gone.
+fn grandchild_holds_channel_worker() {
+    let raw: i32 = std::env::var(clusterphone::ENV_FD).unwrap().parse().unwrap();
+    // SAFETY: dup of the inherited channel fd; the copy has no close-on-exec flag.
+    assert!(unsafe { libc::dup(raw) } >= 0);
+    let mut r = Reactor::attach().unwrap();
+    // Reaped by init once the test kills it.
+    #[allow(clippy::zombie_processes)]
+    let gc = std::process::Command::new("sleep").arg("20").spawn().unwrap();
+    r.on("grandchild", move |_r, m: Message<()>| m.reply.ok(&gc.id()).unwrap()).unwrap();
+    // Never answered: its ack can only end with our exit.
+    let held: Rc<RefCell<Vec<clusterphone::Responder>>> = Rc::default();
+    r.on("hold", move |_r, m: Message<()>| held.borrow_mut().push(m.reply)).unwrap();
+    util::serve(&mut r);
+}
+
 #[test]
 fn exits_are_found_without_a_pidfd_too() {
+    util::child("grandchild-holds-channel", grandchild_holds_channel_worker);
     let _d = util::deadline(SECS * 3);
     let mut config = Config::default();
     config.exit_polling = true;
     // A hang-up grace far beyond the wait below: only the waitpid checks can find the exit in time.
     config.hangup_grace = Duration::from_secs(60);
     let mut r = Reactor::master_with(config).unwrap();
-    let status = Rc::new(RefCell::new(None));
-    let st = status.clone();
-    r.on_worker_event(move |_r, _id, e| {
-        if let WorkerEvent::Exited(s) = e {
-            *st.borrow_mut() = s.status
-        }
-    });
+    let events = Events::record(&mut r);
     // Its grandchild keeps the channel open: no hang-up, only the waitpid checks see the exit.
-    let w = spawn_ready(&mut r, "grandchild-holds-channel");
+    let w = util::spawn_ready(&mut r, "grandchild-holds-channel");
     let gc: u32 = r.request(w, "grandchild", &(), SECS).unwrap();
     let pending = r.send_to(w, "hold", &(), None).handle::<()>().unwrap();
     r.kill(w).unwrap();
-    util::poll_until(&mut r, Duration::from_secs(5), |_| status.borrow().is_some());
+    util::poll_until(&mut r, Duration::from_secs(5), |_| events.exit_of(w).is_some_and(|x| x.status.is_some()));
     // SAFETY: kill(2) on the pid our worker reported; it is our grandchild.
     unsafe { libc::kill(gc as i32, libc::SIGKILL) };
     use std::os::unix::process::ExitStatusExt;
-    assert_eq!(status.borrow().unwrap().signal(), Some(libc::SIGKILL));
+    assert_eq!(events.exit_of(w).unwrap().status.unwrap().signal(), Some(libc::SIGKILL));
     assert!(matches!(pending.take(), Some(Err(AckError::Exited(_)))));
     assert!(r.workers().is_empty(), "reaped");
 }
 
 #[test]
 fn without_writable_wakeups_a_full_socket_still_drains() {
+    util::child("general", general_worker);
     let _d = util::deadline(SECS * 3);
     let mut config = Config::default();
     config.writable_wakeups = WritableWakeups::Never; // writable interest only while blocked
     let mut r = Reactor::master_with(config).unwrap();
-    let w = spawn_ready(&mut r, "general");
+    let w = util::spawn_ready(&mut r, "general");
     let chunk = clusterphone::Bytes(vec![5u8; 64 * 1024]);
     let mut blocked = 0;
     for _ in 0..200 {
@@ -763,6 +754,7 @@ fn without_writable_wakeups_a_full_socket_still_drains() {
 
 #[test]
 fn writable_wakeups_follow_the_policy() {
+    util::child("general", general_worker);
     let _d = util::deadline(SECS * 6);
     let big = clusterphone::Bytes(vec![7u8; 64 * 1024]);
     // (policy, idle writable wake-ups expected after small requests, after large ones)
@@ -775,7 +767,7 @@ fn writable_wakeups_follow_the_policy() {
         let mut config = Config::default();
         config.writable_wakeups = policy;
         let mut r = Reactor::master_with(config).unwrap();
-        let w = spawn_ready(&mut r, "general");
+        let w = util::spawn_ready(&mut r, "general");
         let before = r.stats().idle_writable_events;
         for _ in 0..20 {
             let _: String = r.request(w, "dual", &(), SECS).unwrap();
@@ -796,11 +788,12 @@ fn writable_wakeups_follow_the_policy() {
 
 #[test]
 fn busy_polling_works_and_still_honours_timeouts() {
+    util::child("general", general_worker);
     let _d = util::deadline(SECS * 3);
     let mut config = Config::default();
     config.busy_poll = Some(Duration::from_micros(300));
     let mut r = Reactor::master_with(config).unwrap();
-    let w = spawn_ready(&mut r, "general");
+    let w = util::spawn_ready(&mut r, "general");
     for i in 0..100u64 {
         r.send_to(w, "num", &i, None).send().unwrap();
     }

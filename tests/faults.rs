@@ -5,6 +5,8 @@
 //! Every test here takes one global lock: the descriptor count test must not
 //! see other tests open and close fds, and this process becomes a child
 //! subreaper so it can reap workers orphaned on purpose.
+//!
+//! Each worker's code stands just above the test that spawns it.
 
 mod util;
 
@@ -17,45 +19,18 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use clusterphone::codec::{Kind, FLAG_ACK};
 use clusterphone::{AckError, Bytes, Config, Error, Message, ProtocolError, Reactor, Responder, SendError, WorkerId};
-use util::events::{echo_worker, on_echo, Ev, Master, Outcomes, LIMIT};
+use util::events::{echo_worker, on_echo, Ev, Master, Outcomes};
 use util::raw::{assert_probe_closed, env, frame, probe, RawPeer};
-use util::{deadline, open_fds, poll_until, role, serve, worker_command};
+use util::{alone, deadline, open_fds, poll_until, serve, worker_command, LIMIT};
 
 const REPORT_VAR: &str = "CP_REPORT";
 const GRANDCHILD_VAR: &str = "CP_GC_ROLE";
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-// ----- roles (run in re-executed children) ----------------------------------
-
-#[test]
-fn worker_entry() {
-    let Some(role) = role() else { return };
-    util::worker_watchdog();
-    match role.as_str() {
-        "echo" => echo_worker(),
-        "halfkill" => raw_half_frame_then_sigkill(),
-        "fdgarbage" => raw_fds_with_garbage(),
-        "mid" => intermediate_master(),
-        "holdreq" => held_requests_worker(),
-        "sigpipe" => sigpipe_worker(),
-        "eintr" => eintr_master(),
-        "slow" => slow_reader(),
-        "quitter" => quitter(),
-        "resetter" => raw_resetter(),
-        "shutrd" => raw_shut_read(),
-        other => panic!("unknown role {other}"),
-    }
-}
+const CHUNK: usize = 64 * 1024;
+const CHUNKS: u64 = 128;
 
 fn raw_half_frame_then_sigkill() {
     let mut p = RawPeer::connect();
@@ -67,42 +42,62 @@ fn raw_half_frame_then_sigkill() {
     unreachable!("SIGKILL is not survivable");
 }
 
-fn raw_fds_with_garbage() {
-    let mut p = RawPeer::connect();
-    p.exchange_hellos();
-    let probes: Vec<(UnixStream, UnixStream)> = (0..3).map(|_| probe()).collect();
-    // One fd with a valid message, two with garbage.
-    p.send_with_fds(&frame(env(Kind::Message, 0, 1, 0, "_", "take"), &()), &[probes[0].1.as_raw_fd()]);
-    p.send_with_fds(b"\x10\0\0\0garbage, not a frame", &[probes[1].1.as_raw_fd(), probes[2].1.as_raw_fd()]);
-    let mut keep = Vec::new();
-    for (k, give) in probes {
-        drop(give);
-        keep.push(k);
+#[test]
+fn half_frame_then_sigkill_fails_the_ack_exactly_once() {
+    util::child("echo", echo_worker);
+    util::child("raw", raw_half_frame_then_sigkill);
+    let _alone = alone();
+    let _guard = deadline(Duration::from_secs(20));
+    let mut m = Master::new(Config::default());
+    let normal = m.spawn("echo");
+    let raw = m.spawn("raw");
+    let outcomes = m.send_acked::<_, u32>(raw, "ping", &1u32, Duration::from_secs(20));
+    m.echo(normal, 1);
+    let status = m.wait_exit(raw);
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+    let got = outcomes.borrow().clone();
+    assert_eq!(got.len(), 1, "exactly one outcome: {got:?}");
+    assert!(
+        matches!(&got[0], Err(AckError::Exited(s)) if s.status.and_then(|s| s.signal()) == Some(libc::SIGKILL))
+            || got[0] == Err(AckError::Disconnected),
+        "{got:?}"
+    );
+    assert_eq!(m.r.pending_acks(), 0);
+    let evs = m.events_of(raw);
+    assert!(evs.iter().filter(|e| !matches!(e, Ev::Exited(_))).count() <= 2, "{evs:?}");
+    assert!(!evs.iter().any(|e| matches!(e, Ev::Io(_) | Ev::Other(_))), "{evs:?}");
+    // Still serving the other worker; the dead one is gone for good.
+    for i in 0..3 {
+        m.echo(normal, 10 + i);
     }
-    p.until_eof();
-    // Every copy of the fds we sent is closed, the master's included.
-    for k in keep {
-        assert_probe_closed(k);
-    }
+    let refused = m.r.send_to(raw, "ping", &2u32, None).send();
+    assert!(matches!(refused, Err(SendError { error: Error::UnknownWorker(_), .. })), "{refused:?}");
+    m.assert_untouched(normal);
+    m.r.shutdown(Duration::from_secs(2)).unwrap();
 }
 
-/// Closes the channel with the master's data still unread (so the master's
-/// next read is ECONNRESET), and stays alive until killed.
-fn raw_resetter() {
-    let mut p = RawPeer::connect();
-    p.handshake();
-    drop(p);
-    std::thread::sleep(Duration::from_secs(30));
+/// What an orphaned grandchild tells the test: its pid first, then "ok".
+struct Report {
+    path: PathBuf,
 }
 
-/// Shuts down its reading side (so the master's next write is EPIPE) while
-/// it stays alive and connected for writing.
-fn raw_shut_read() {
-    let mut p = RawPeer::connect();
-    p.exchange_hellos();
-    p.sock.shutdown(std::net::Shutdown::Read).unwrap();
-    p.write(&frame(env(Kind::Message, 0, 0, 0, "_", "armed"), &()));
-    std::thread::sleep(Duration::from_secs(30));
+impl Report {
+    fn start() -> Report {
+        let path = PathBuf::from(std::env::var(REPORT_VAR).expect("report path"));
+        let tmp = path.with_extension("pid.tmp");
+        std::fs::write(&tmp, std::process::id().to_string()).unwrap();
+        std::fs::rename(&tmp, path.with_extension("pid")).unwrap();
+        Report { path }
+    }
+
+    /// Created by the sigpipe worker once it no longer polls its channel.
+    fn armed_path() -> PathBuf {
+        PathBuf::from(std::env::var(REPORT_VAR).expect("report path")).with_extension("armed")
+    }
+
+    fn ok(self) {
+        std::fs::write(&self.path, "ok").unwrap();
+    }
 }
 
 /// An intermediate master: spawns its own worker, lets it queue acked
@@ -143,28 +138,73 @@ fn intermediate_master() {
     unreachable!("SIGKILL is not survivable");
 }
 
-/// What an orphaned grandchild tells the test: its pid first, then "ok".
-struct Report {
-    path: PathBuf,
+/// Makes this process the reaper of orphaned descendants, so a worker whose
+/// master vanished is handed to us and can be waited for.
+#[track_caller]
+fn become_subreaper() {
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes integers and only sets a flag.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(r, 0, "prctl: {}", io::Error::last_os_error());
 }
 
-impl Report {
-    fn start() -> Report {
-        let path = PathBuf::from(std::env::var(REPORT_VAR).expect("report path"));
-        let tmp = path.with_extension("pid.tmp");
-        std::fs::write(&tmp, std::process::id().to_string()).unwrap();
-        std::fs::rename(&tmp, path.with_extension("pid")).unwrap();
-        Report { path }
+/// Waits for an orphaned descendant handed to us; kills it if it outstays `limit`.
+#[track_caller]
+fn reap(pid: libc::pid_t, limit: Duration) -> ExitStatus {
+    let end = Instant::now() + limit;
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid on one pid with a valid status pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            return ExitStatus::from_raw(status);
+        }
+        assert!(r == 0, "waitpid({pid}): {} (was the orphan not handed to us?)", io::Error::last_os_error());
+        if Instant::now() >= end {
+            // SAFETY: as above; the pid is our (adopted) child, not yet reaped.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            panic!("the orphaned worker {pid} did not exit by itself");
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
+}
 
-    /// Created by the sigpipe worker once it no longer polls its channel.
-    fn armed_path() -> PathBuf {
-        PathBuf::from(std::env::var(REPORT_VAR).expect("report path")).with_extension("armed")
-    }
+/// A scratch directory, removed when dropped (on panics too).
+struct TempDir(PathBuf);
 
-    fn ok(self) {
-        std::fs::write(&self.path, "ok").unwrap();
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("cp-faults-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
     }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs an intermediate master that spawns `gc_role` and then dies by
+/// SIGKILL; returns the orphaned grandchild's exit status and report.
+#[track_caller]
+fn orphaned(gc_role: &str) -> (ExitStatus, String) {
+    become_subreaper();
+    let dir = TempDir::new(gc_role);
+    let report = dir.0.join("report");
+    let mut mid =
+        worker_command("mid").env(GRANDCHILD_VAR, gc_role).env(REPORT_VAR, &report).spawn().expect("spawn mid");
+    let mid_status = mid.wait().unwrap();
+    let pid = std::fs::read_to_string(report.with_extension("pid")).ok().and_then(|s| s.trim().parse().ok());
+    let Some(pid) = pid else { panic!("the grandchild never started (intermediate master: {mid_status})") };
+    let status = reap(pid, LIMIT);
+    let text = std::fs::read_to_string(&report).unwrap_or_default();
+    assert_eq!(mid_status.signal(), Some(libc::SIGKILL), "the intermediate master was to vanish: {mid_status}");
+    (status, text)
 }
 
 fn held_requests_worker() {
@@ -194,6 +234,17 @@ fn held_requests_worker() {
     report.ok();
 }
 
+#[test]
+fn master_exit_fails_pending_requests_and_ends_the_workers_poll() {
+    util::child("mid", intermediate_master);
+    util::child("holdreq", held_requests_worker);
+    let _alone = alone();
+    let _guard = deadline(Duration::from_secs(25));
+    let (status, report) = orphaned("holdreq");
+    assert!(status.success(), "the orphaned worker's checks failed: {status}");
+    assert_eq!(report, "ok");
+}
+
 fn sigpipe_worker() {
     // SAFETY: restoring a signal's default disposition has no memory effects;
     // SIGPIPE's default is to kill the process, which is what must not happen.
@@ -220,6 +271,18 @@ fn sigpipe_worker() {
     assert!(matches!(err, Error::Disconnected | Error::Ack(AckError::Disconnected)), "{err:?}");
     assert!(matches!(r.poll(Some(Duration::ZERO)), Err(Error::Disconnected)));
     report.ok();
+}
+
+#[test]
+fn sigpipe_is_an_error_not_a_death() {
+    util::child("mid", intermediate_master);
+    util::child("sigpipe", sigpipe_worker);
+    let _alone = alone();
+    let _guard = deadline(Duration::from_secs(25));
+    let (status, report) = orphaned("sigpipe");
+    assert_ne!(status.signal(), Some(libc::SIGPIPE), "the worker died of SIGPIPE");
+    assert!(status.success(), "the orphaned worker's checks failed: {status}");
+    assert_eq!(report, "ok");
 }
 
 static POLL_TID: AtomicI32 = AtomicI32::new(0);
@@ -284,8 +347,16 @@ fn eintr_master() {
     set_itimer(Duration::ZERO);
 }
 
-const CHUNK: usize = 64 * 1024;
-const CHUNKS: u64 = 128;
+#[test]
+fn poll_retries_eintr_until_its_timeout() {
+    util::child("eintr", eintr_master);
+    util::child("echo", echo_worker);
+    let _alone = alone();
+    let _guard = deadline(Duration::from_secs(25));
+    // In a child process, so the signals disturb no other test.
+    let status = worker_command("eintr").status().expect("spawn");
+    assert!(status.success(), "the EINTR checks failed: {status}");
+}
 
 /// 64 KiB of bytes that depend on `i` (xorshift64).
 fn pattern(i: u64) -> Vec<u8> {
@@ -332,148 +403,13 @@ fn slow_reader() {
     let _ = r.flush(Duration::from_secs(2));
 }
 
-/// Exits on "die", leaving whatever was sent after it unread.
-fn quitter() {
-    let mut r = Reactor::attach().unwrap();
-    r.on("die", |_r, _m: Message<()>| std::process::exit(0)).unwrap();
-    on_echo(&mut r);
-    serve(&mut r);
-}
-
-// ----- the master's side -----------------------------------------------------
-
-#[test]
-fn half_frame_then_sigkill_fails_the_ack_exactly_once() {
-    let _serial = serial();
-    let _guard = deadline(Duration::from_secs(20));
-    let mut m = Master::new(Config::default());
-    let normal = m.r.spawn(worker_command("echo")).unwrap();
-    let raw = m.r.spawn(worker_command("halfkill")).unwrap();
-    let outcomes = m.send_acked::<_, u32>(raw, "ping", &1u32, Duration::from_secs(20));
-    m.echo(normal, 1);
-    let status = m.wait_exit(raw);
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
-    let got = outcomes.borrow().clone();
-    assert_eq!(got.len(), 1, "exactly one outcome: {got:?}");
-    assert!(
-        matches!(&got[0], Err(AckError::Exited(s)) if s.status.and_then(|s| s.signal()) == Some(libc::SIGKILL))
-            || got[0] == Err(AckError::Disconnected),
-        "{got:?}"
-    );
-    assert_eq!(m.r.pending_acks(), 0);
-    let evs = m.events_of(raw);
-    assert!(evs.iter().filter(|e| !matches!(e, Ev::Exited(_))).count() <= 2, "{evs:?}");
-    assert!(!evs.iter().any(|e| matches!(e, Ev::Io(_) | Ev::Other(_))), "{evs:?}");
-    // Still serving the other worker; the dead one is gone for good.
-    for i in 0..3 {
-        m.echo(normal, 10 + i);
-    }
-    let refused = m.r.send_to(raw, "ping", &2u32, None).send();
-    assert!(matches!(refused, Err(SendError { error: Error::UnknownWorker(_), .. })), "{refused:?}");
-    m.assert_untouched(normal);
-    m.r.shutdown(Duration::from_secs(2)).unwrap();
-}
-
-/// Makes this process the reaper of orphaned descendants, so a worker whose
-/// master vanished is handed to us and can be waited for.
-fn become_subreaper() {
-    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes integers and only sets a flag.
-    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    assert_eq!(r, 0, "prctl: {}", io::Error::last_os_error());
-}
-
-/// Waits for an orphaned descendant handed to us; kills it if it outstays `limit`.
-fn reap(pid: libc::pid_t, limit: Duration) -> ExitStatus {
-    let end = Instant::now() + limit;
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid on one pid with a valid status pointer.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            return ExitStatus::from_raw(status);
-        }
-        assert!(r == 0, "waitpid({pid}): {} (was the orphan not handed to us?)", io::Error::last_os_error());
-        if Instant::now() >= end {
-            // SAFETY: as above; the pid is our (adopted) child, not yet reaped.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, &mut status, 0);
-            }
-            panic!("the orphaned worker {pid} did not exit by itself");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// A scratch directory, removed when dropped (on panics too).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("cp-faults-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Runs an intermediate master that spawns `gc_role` and then dies by
-/// SIGKILL; returns the orphaned grandchild's exit status and report.
-fn orphaned(gc_role: &str) -> (ExitStatus, String) {
-    become_subreaper();
-    let dir = TempDir::new(gc_role);
-    let report = dir.0.join("report");
-    let mut mid =
-        worker_command("mid").env(GRANDCHILD_VAR, gc_role).env(REPORT_VAR, &report).spawn().expect("spawn mid");
-    let mid_status = mid.wait().unwrap();
-    let pid = std::fs::read_to_string(report.with_extension("pid")).ok().and_then(|s| s.trim().parse().ok());
-    let Some(pid) = pid else { panic!("the grandchild never started (intermediate master: {mid_status})") };
-    let status = reap(pid, LIMIT);
-    let text = std::fs::read_to_string(&report).unwrap_or_default();
-    assert_eq!(mid_status.signal(), Some(libc::SIGKILL), "the intermediate master was to vanish: {mid_status}");
-    (status, text)
-}
-
-#[test]
-fn master_exit_fails_pending_requests_and_ends_the_workers_poll() {
-    let _serial = serial();
-    let _guard = deadline(Duration::from_secs(25));
-    let (status, report) = orphaned("holdreq");
-    assert!(status.success(), "the orphaned worker's checks failed: {status}");
-    assert_eq!(report, "ok");
-}
-
-#[test]
-fn sigpipe_is_an_error_not_a_death() {
-    let _serial = serial();
-    let _guard = deadline(Duration::from_secs(25));
-    let (status, report) = orphaned("sigpipe");
-    assert_ne!(status.signal(), Some(libc::SIGPIPE), "the worker died of SIGPIPE");
-    assert!(status.success(), "the orphaned worker's checks failed: {status}");
-    assert_eq!(report, "ok");
-}
-
-#[test]
-fn poll_retries_eintr_until_its_timeout() {
-    let _serial = serial();
-    let _guard = deadline(Duration::from_secs(25));
-    // In a child process, so the signals disturb no other test.
-    let status = worker_command("eintr").status().expect("spawn");
-    assert!(status.success(), "the EINTR checks failed: {status}");
-}
-
 #[test]
 fn slow_reader_gets_every_byte_in_order() {
-    let _serial = serial();
+    util::child("slow", slow_reader);
+    let _alone = alone();
     let _guard = deadline(Duration::from_secs(25));
     let mut m = Master::new(Config::default());
-    let w = m.r.spawn(worker_command("slow")).unwrap();
+    let w = m.spawn("slow");
     m.echo(w, 1);
     for i in 0..CHUNKS {
         m.r.send_to(w, "chunk", &(i, Bytes(pattern(i))), None).send().unwrap();
@@ -488,13 +424,23 @@ fn slow_reader_gets_every_byte_in_order() {
     assert!(m.events_of(w).iter().all(|e| matches!(e, Ev::Ready | Ev::Exited(_))), "{:?}", m.events_of(w));
 }
 
+/// Exits on "die", leaving whatever was sent after it unread.
+fn quitter() {
+    let mut r = Reactor::attach().unwrap();
+    r.on("die", |_r, _m: Message<()>| std::process::exit(0)).unwrap();
+    on_echo(&mut r);
+    serve(&mut r);
+}
+
 #[test]
 fn worker_exit_with_data_in_flight_is_a_disconnection() {
-    let _serial = serial();
+    util::child("echo", echo_worker);
+    util::child("quitter", quitter);
+    let _alone = alone();
     let _guard = deadline(Duration::from_secs(25));
     let mut m = Master::new(Config::default());
-    let normal = m.r.spawn(worker_command("echo")).unwrap();
-    let w = m.r.spawn(worker_command("quitter")).unwrap();
+    let normal = m.spawn("echo");
+    let w = m.spawn("quitter");
     m.echo(w, 1);
     m.r.send_to(w, "die", &(), None).send().unwrap();
     // Data it will never read: the master's writes hit EPIPE, its reads ECONNRESET.
@@ -522,9 +468,29 @@ fn worker_exit_with_data_in_flight_is_a_disconnection() {
     m.r.shutdown(Duration::from_secs(2)).unwrap();
 }
 
+fn raw_fds_with_garbage() {
+    let mut p = RawPeer::connect();
+    p.exchange_hellos();
+    let probes: Vec<(UnixStream, UnixStream)> = (0..3).map(|_| probe()).collect();
+    // One fd with a valid message, two with garbage.
+    p.send_with_fds(&frame(env(Kind::Message, 0, 1, 0, "_", "take"), &()), &[probes[0].1.as_raw_fd()]);
+    p.send_with_fds(b"\x10\0\0\0garbage, not a frame", &[probes[1].1.as_raw_fd(), probes[2].1.as_raw_fd()]);
+    let mut keep = Vec::new();
+    for (k, give) in probes {
+        drop(give);
+        keep.push(k);
+    }
+    p.until_eof();
+    // Every copy of the fds we sent is closed, the master's included.
+    for k in keep {
+        assert_probe_closed(k);
+    }
+}
+
 #[test]
 fn fds_that_came_with_bad_data_are_closed() {
-    let _serial = serial();
+    util::child("raw", raw_fds_with_garbage);
+    let _alone = alone();
     let _guard = deadline(Duration::from_secs(25));
     let before = open_fds();
     {
@@ -532,7 +498,7 @@ fn fds_that_came_with_bad_data_are_closed() {
         let taken = Rc::new(std::cell::Cell::new(0));
         let t = taken.clone();
         m.r.on("take", move |_r, msg: Message<()>| t.set(t.get() + usize::from(msg.fd.is_some()))).unwrap();
-        let raw = m.r.spawn(worker_command("fdgarbage")).unwrap();
+        let raw = m.spawn("raw");
         let status = m.wait_exit(raw);
         assert!(status.success(), "the raw peer's own checks failed: {status}");
         assert_eq!(taken.get(), 1, "the valid message's fd arrived");
@@ -545,6 +511,7 @@ fn fds_that_came_with_bad_data_are_closed() {
 
 /// Waits for the disconnection of a peer that stays alive, checks it is a
 /// plain hangup, then kills the peer.
+#[track_caller]
 fn expect_hangup_of_live_peer(m: &mut Master, raw: WorkerId, outcomes: &Outcomes<()>) {
     m.wait_event(raw, |e| !matches!(e, Ev::Ready));
     let evs = m.events_of(raw);
@@ -557,13 +524,24 @@ fn expect_hangup_of_live_peer(m: &mut Master, raw: WorkerId, outcomes: &Outcomes
     assert_eq!(*outcomes.borrow(), vec![Err(AckError::Disconnected)]);
 }
 
+/// Closes the channel with the master's data still unread (so the master's
+/// next read is ECONNRESET), and stays alive until killed.
+fn raw_resetter() {
+    let mut p = RawPeer::connect();
+    p.handshake();
+    drop(p);
+    std::thread::sleep(Duration::from_secs(30));
+}
+
 #[test]
 fn connection_reset_by_a_live_peer_is_a_hangup() {
-    let _serial = serial();
+    util::child("echo", echo_worker);
+    util::child("raw", raw_resetter);
+    let _alone = alone();
     let _guard = deadline(Duration::from_secs(25));
     let mut m = Master::new(Config::default());
-    let normal = m.r.spawn(worker_command("echo")).unwrap();
-    let raw = m.r.spawn(worker_command("resetter")).unwrap();
+    let normal = m.spawn("echo");
+    let raw = m.spawn("raw");
     let outcomes = m.send_acked::<_, ()>(raw, "ping", &1u32, Duration::from_secs(20));
     // More than the peer reads before it closes: it leaves data unread.
     for i in 0..32u64 {
@@ -574,16 +552,28 @@ fn connection_reset_by_a_live_peer_is_a_hangup() {
     m.r.shutdown(Duration::from_secs(2)).unwrap();
 }
 
+/// Shuts down its reading side (so the master's next write is EPIPE) while
+/// it stays alive and connected for writing.
+fn raw_shut_read() {
+    let mut p = RawPeer::connect();
+    p.exchange_hellos();
+    p.sock.shutdown(std::net::Shutdown::Read).unwrap();
+    p.write(&frame(env(Kind::Message, 0, 0, 0, "_", "armed"), &()));
+    std::thread::sleep(Duration::from_secs(30));
+}
+
 #[test]
 fn broken_pipe_to_a_live_peer_is_a_hangup() {
-    let _serial = serial();
+    util::child("echo", echo_worker);
+    util::child("raw", raw_shut_read);
+    let _alone = alone();
     let _guard = deadline(Duration::from_secs(25));
     let mut m = Master::new(Config::default());
     let armed = Rc::new(std::cell::Cell::new(false));
     let a = armed.clone();
     m.r.on("armed", move |_r, _m: Message<()>| a.set(true)).unwrap();
-    let normal = m.r.spawn(worker_command("echo")).unwrap();
-    let raw = m.r.spawn(worker_command("shutrd")).unwrap();
+    let normal = m.spawn("echo");
+    let raw = m.spawn("raw");
     poll_until(&mut m.r, LIMIT, |_| armed.get());
     // The peer no longer reads: this write fails with EPIPE.
     let outcomes = m.send_acked::<_, ()>(raw, "after", &Bytes(vec![1; 4096]), Duration::from_secs(20));

@@ -1,6 +1,5 @@
 //! No fd leaks, counted in /proc/self/fd on both sides. This binary holds a
-//! single test (besides `worker_entry`, which returns at once in the master),
-//! so no other test opens or closes fds while it counts.
+//! single test, so no other test opens or closes fds while it counts.
 
 mod util;
 
@@ -30,28 +29,19 @@ fn fresh(f: &File) -> OwnedFd {
     OwnedFd::from(f.try_clone().expect("dup"))
 }
 
-// ----- the worker -------------------------------------------------------
+// ----- the workers ------------------------------------------------------
 
-#[test]
-fn worker_entry() {
-    let Some(role) = util::role() else { return };
-    util::worker_watchdog();
-    match role.as_str() {
-        // Never attaches, so never says hello.
-        "sleepy" => idle_until_orphaned(),
-        // Says hello, then never reads again.
-        "stuck" => {
-            let mut r = Reactor::attach().expect("attach");
-            r.flush(Duration::from_secs(5)).expect("hello written");
-            idle_until_orphaned();
-        }
-        "sink" => {
-            let mut r = Reactor::attach().expect("attach");
-            sink(&mut r);
-            util::serve(&mut r);
-        }
-        other => panic!("unknown role {other}"),
-    }
+/// Says hello, then never reads again.
+fn stuck_worker() {
+    let mut r = Reactor::attach().expect("attach");
+    r.flush(Duration::from_secs(5)).expect("hello written");
+    idle_until_orphaned();
+}
+
+fn sink_worker() {
+    let mut r = Reactor::attach().expect("attach");
+    sink(&mut r);
+    util::serve(&mut r);
 }
 
 /// Sleeps until the master is gone (it normally kills us first), at most 30 s.
@@ -108,6 +98,7 @@ fn sink(r: &mut Reactor) {
 // ----- the master -------------------------------------------------------
 
 /// Sends one fd-carrying message, polling while the write queue is full.
+#[track_caller]
 fn send_fd(r: &mut Reactor, w: WorkerId, cmd: &str, i: u32, mut fd: OwnedFd) {
     loop {
         match r.send_to(w, cmd, &i, Some(fd)).send() {
@@ -122,12 +113,17 @@ fn send_fd(r: &mut Reactor, w: WorkerId, cmd: &str, i: u32, mut fd: OwnedFd) {
 }
 
 /// Polls until `w` has exited and been reaped.
+#[track_caller]
 fn wait_gone(r: &mut Reactor, w: WorkerId) {
     util::poll_until(r, Duration::from_secs(10), |r| !r.workers().contains(&w));
 }
 
 #[test]
 fn no_fd_leaks() {
+    util::child("sink", sink_worker);
+    // Never attaches, so never says hello.
+    util::child("sleepy", idle_until_orphaned);
+    util::child("stuck", stuck_worker);
     let _d = util::deadline(Duration::from_secs(30));
     let mut r = Reactor::master().unwrap();
     both_directions(&mut r);
@@ -147,8 +143,7 @@ fn both_directions(r: &mut Reactor) {
         assert_eq!((info.command.as_str(), &info.reason), ("nobody", &AckError::NoHandler));
         u.set(u.get() + 1);
     });
-    let w = r.spawn(util::worker_command("sink")).expect("spawn");
-    util::poll_until(r, REQ, |r| r.is_ready(w));
+    let w = util::spawn_ready(r, "sink");
     // One exchange each way before counting, so nothing is opened lazily later.
     send_fd(r, w, "fd", 0, fresh(&devnull));
     let _: u32 = r.request(w, "blast", &(1u32, "fd"), REQ).expect("warm-up blast");
@@ -226,8 +221,7 @@ fn killed_before_hello(r: &mut Reactor) {
 fn killed_with_full_socket(r: &mut Reactor) {
     let devnull = devnull();
     let base = util::open_fds();
-    let w = r.spawn(util::worker_command("stuck")).expect("spawn");
-    util::poll_until(r, REQ, |r| r.is_ready(w));
+    let w = util::spawn_ready(r, "stuck");
     let spawned = util::open_fds();
 
     let big = Bytes(vec![7u8; 64 * 1024]);

@@ -15,6 +15,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use clusterphone::{AckError, Error, Message, Peer, Reactor};
+use util::events::Events;
 
 const REQ: Duration = Duration::from_secs(10);
 /// How long a reader waits for EOF: EOF comes only once every copy of the
@@ -22,6 +23,7 @@ const REQ: Duration = Duration::from_secs(10);
 const READ_LIMIT: Duration = Duration::from_secs(5);
 
 /// Whether `fd` is open and close-on-exec.
+#[track_caller]
 fn cloexec(fd: RawFd) -> bool {
     // SAFETY: F_GETFD only queries the descriptor's flags.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
@@ -36,6 +38,7 @@ fn is_open(fd: RawFd) -> bool {
 }
 
 /// Reads until EOF, failing after `READ_LIMIT`.
+#[track_caller]
 fn read_to_eof(s: &mut UnixStream) -> String {
     s.set_read_timeout(Some(READ_LIMIT)).unwrap();
     let mut text = String::new();
@@ -47,134 +50,12 @@ fn greeting(pid: u32, what: &str) -> String {
     format!("hello from worker {pid}: {what}\n")
 }
 
-// ----- the worker -------------------------------------------------------
+// ----- the workers and the tests --------------------------------------------
 
-#[test]
-fn worker_entry() {
-    let Some(role) = util::role() else { return };
-    util::worker_watchdog();
+/// The worker most tests here talk to: greets through an fd it is given,
+/// hands the master a socket end, and reads back what came through it.
+fn fd_worker() {
     let mut r = Reactor::attach().expect("attach");
-    match role.as_str() {
-        "fdworker" => fd_worker(&mut r),
-        "slow-labels" => slow_label_worker(&mut r),
-        "emfile" => emfile_worker(r),
-        "fd-flood" => fd_flood_worker(r),
-        other => panic!("unknown role {other}"),
-    }
-    util::serve(&mut r);
-}
-
-/// Drops root (so the kernel's in-flight fd limit applies), lowers its fd
-/// limit to 32, then sends 200 fds to a master that is not reading yet: the
-/// kernel answers ETOOMANYREFS, which must hold frames back, not fail them.
-fn fd_flood_worker(mut r: Reactor) -> ! {
-    r.flush(REQ).unwrap();
-    // SAFETY: plain syscalls on integers and structs we own.
-    unsafe {
-        if libc::geteuid() == 0 {
-            // Root is exempt from the in-flight limit (CAP_SYS_RESOURCE): become nobody.
-            assert_eq!(libc::setgid(65534), 0);
-            assert_eq!(libc::setuid(65534), 0);
-        }
-        let limit = libc::rlimit { rlim_cur: 32, rlim_max: 32 };
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
-    }
-    for i in 0..200u32 {
-        // Queued frames hold their fds: at our own limit, let the reactor work first.
-        let file = loop {
-            match File::open("/dev/null") {
-                Ok(f) => break f,
-                Err(e) if e.raw_os_error() == Some(libc::EMFILE) => r.poll(Some(Duration::from_millis(5))).unwrap(),
-                Err(e) => panic!("open: {e}"),
-            }
-        };
-        r.send_to_master("flood", &i, Some(OwnedFd::from(file))).send().unwrap();
-    }
-    r.flush(Duration::from_secs(20)).unwrap();
-    let pushed_back = r.stats().fd_backpressure;
-    r.send_to_master("flooded", &pushed_back, None).send().unwrap();
-    r.flush(REQ).unwrap();
-    std::process::exit(0);
-}
-
-/// Lowers its own fd limit just above what it uses, then receives a burst of
-/// fds: the kernel drops those it cannot install (MSG_CTRUNC, how EMFILE shows
-/// on receive). Exits 0 if that was a protocol error for the connection and
-/// every fd that did arrive was closed.
-fn emfile_worker(mut r: Reactor) -> ! {
-    // No frame of a read whose fds the kernel truncated may reach a handler:
-    // the fds that did arrive could belong to other frames than the decoder thinks.
-    let calls = Rc::new(std::cell::Cell::new(0u32));
-    let c = calls.clone();
-    // Keep the fds, so that they pile up to the limit.
-    let kept: Rc<RefCell<Vec<OwnedFd>>> = Rc::default();
-    let k = kept.clone();
-    r.on("fd", move |_r, m: Message<()>| {
-        c.set(c.get() + 1);
-        k.borrow_mut().extend(m.fd);
-    })
-    .unwrap();
-    r.flush(REQ).unwrap();
-    let base = util::open_fds();
-    let limit = libc::rlimit { rlim_cur: base as libc::rlim_t + 4, rlim_max: libc::RLIM_INFINITY };
-    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit read and write the rlimit structs we pass.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut old);
-        let limit = libc::rlimit { rlim_max: old.rlim_max, ..limit };
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
-    }
-    r.send_to_master("limited", &(), None).send().unwrap();
-    let end = loop {
-        match r.poll(Some(Duration::from_millis(100))) {
-            Ok(()) => continue,
-            Err(e) => break e,
-        }
-    };
-    // SAFETY: as above.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &old) };
-    // Every frame handled came with its fd: none was paired with a wrong one.
-    let all_with_fds = kept.borrow().len() == calls.get() as usize;
-    kept.borrow_mut().clear();
-    let after = util::open_fds();
-    let missing = matches!(end, Error::Protocol(clusterphone::ProtocolError::MissingFds));
-    // Fds travel one per write: the frames whose fds fit under the limit are
-    // handled; the first truncated read ends the connection.
-    let ok = missing && after < base && all_with_fds && calls.get() < 32;
-    if !ok {
-        eprintln!("emfile worker: ended with {end:?}, fds {base} -> {after}, {} frames handled", calls.get());
-    }
-    std::process::exit(if ok { 0 } else { 1 });
-}
-
-static RESUME: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-extern "C" fn on_resume(_sig: libc::c_int) {
-    RESUME.store(true, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Reports each `label` message's payload with the text read from its fd,
-/// after reading nothing until the master sends SIGUSR1 (so its writes back up).
-fn slow_label_worker(r: &mut Reactor) {
-    // SAFETY: installs an async-signal-safe handler (one atomic store) for SIGUSR1.
-    unsafe { libc::signal(libc::SIGUSR1, on_resume as extern "C" fn(libc::c_int) as libc::sighandler_t) };
-    r.on("big", |_r, _m: Message<clusterphone::Bytes>| {}).unwrap();
-    r.on("label", |r, m: Message<String>| {
-        let mut got = String::new();
-        if let Some(fd) = m.fd {
-            let _ = UnixStream::from(fd).read_to_string(&mut got);
-        }
-        r.send_to_master("labelled", &(m.payload.clone(), got), None).send().unwrap();
-    })
-    .unwrap();
-    r.flush(REQ).unwrap();
-    let end = std::time::Instant::now() + REQ;
-    while !RESUME.load(std::sync::atomic::Ordering::Relaxed) && std::time::Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn fd_worker(r: &mut Reactor) {
     let pid = std::process::id();
     // Writes a greeting through the fd that came with the message, then
     // closes it; replies with (pid, whether the fd arrived close-on-exec).
@@ -221,30 +102,20 @@ fn fd_worker(r: &mut Reactor) {
         }
     })
     .unwrap();
+    util::serve(&mut r);
 }
-
-// ----- the tests --------------------------------------------------------
 
 /// (sender, payload, fd) of a message the master received.
 type Received = (Peer, u32, Option<OwnedFd>);
-
-fn ready_worker(r: &mut Reactor) -> clusterphone::WorkerId {
-    ready_worker_with(r, "fdworker")
-}
-
-fn ready_worker_with(r: &mut Reactor, role: &str) -> clusterphone::WorkerId {
-    let w = r.spawn(util::worker_command(role)).expect("spawn");
-    util::poll_until(r, Duration::from_secs(10), |r| r.is_ready(w));
-    w
-}
 
 /// The classic use: the master accepts a TCP connection and hands it to a
 /// worker, which answers the client directly.
 #[test]
 fn tcp_connection_handed_to_worker() {
+    util::child("fdworker", fd_worker);
     let _d = util::deadline(Duration::from_secs(30));
     let mut r = Reactor::master().unwrap();
-    let w = ready_worker(&mut r);
+    let w = util::spawn_ready(&mut r, "fdworker");
     let worker_pid = r.worker_pid(w).expect("pid");
 
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -275,12 +146,13 @@ fn tcp_connection_handed_to_worker() {
 /// through it and closes it; the worker then sees the master's bytes and EOF.
 #[test]
 fn socket_end_sent_from_worker_to_master() {
+    util::child("fdworker", fd_worker);
     let _d = util::deadline(Duration::from_secs(30));
     let mut r = Reactor::master().unwrap();
     let got: Rc<RefCell<Vec<Received>>> = Rc::default();
     let g = got.clone();
     r.on("end", move |_r, msg: Message<u32>| g.borrow_mut().push((msg.from, msg.payload, msg.fd))).unwrap();
-    let w = ready_worker(&mut r);
+    let w = util::spawn_ready(&mut r, "fdworker");
     let worker_pid = r.worker_pid(w).expect("pid");
 
     // The worker queues "end" before its reply, so it is handled first.
@@ -311,6 +183,7 @@ fn socket_end_sent_from_worker_to_master() {
 /// and handed back open; `force_queue` queues it until the worker is ready.
 #[test]
 fn fd_to_unready_worker_is_refused_unless_forced() {
+    util::child("fdworker", fd_worker);
     let _d = util::deadline(Duration::from_secs(30));
     let mut r = Reactor::master().unwrap();
     let w = r.spawn(util::worker_command("fdworker")).expect("spawn");
@@ -382,14 +255,44 @@ fn labelled_fd(label: &str) -> OwnedFd {
     OwnedFd::from(theirs)
 }
 
+static RESUME: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_resume(_sig: libc::c_int) {
+    RESUME.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Reports each `label` message's payload with the text read from its fd,
+/// after reading nothing until the master sends SIGUSR1 (so its writes back up).
+fn slow_label_worker() {
+    let mut r = Reactor::attach().expect("attach");
+    // SAFETY: installs an async-signal-safe handler (one atomic store) for SIGUSR1.
+    unsafe { libc::signal(libc::SIGUSR1, on_resume as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+    r.on("big", |_r, _m: Message<clusterphone::Bytes>| {}).unwrap();
+    r.on("label", |r, m: Message<String>| {
+        let mut got = String::new();
+        if let Some(fd) = m.fd {
+            let _ = UnixStream::from(fd).read_to_string(&mut got);
+        }
+        r.send_to_master("labelled", &(m.payload.clone(), got), None).send().unwrap();
+    })
+    .unwrap();
+    r.flush(REQ).unwrap();
+    let end = std::time::Instant::now() + REQ;
+    while !RESUME.load(std::sync::atomic::Ordering::Relaxed) && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    util::serve(&mut r);
+}
+
 #[test]
 fn a_message_cancelled_after_its_fd_left_never_shifts_fds_onto_later_messages() {
+    util::child("slow-labels", slow_label_worker);
     let _d = util::deadline(Duration::from_secs(30));
     let mut r = Reactor::master().unwrap();
     let reports: Rc<RefCell<Vec<(String, String)>>> = Rc::default();
     let rp = reports.clone();
     r.on("labelled", move |_r, m: Message<(String, String)>| rp.borrow_mut().push(m.payload)).unwrap();
-    let w = ready_worker_with(&mut r, "slow-labels");
+    let w = util::spawn_ready(&mut r, "slow-labels");
     // A frame larger than the socket buffer, then an fd-carrying frame in the
     // same sendmsg: the partial write hands A's fd to the kernel before A's bytes.
     let outcome: Rc<RefCell<Option<Result<(), AckError>>>> = Rc::default();
@@ -419,21 +322,67 @@ fn a_message_cancelled_after_its_fd_left_never_shifts_fds_onto_later_messages() 
     r.shutdown(REQ).unwrap();
 }
 
+/// Lowers its own fd limit just above what it uses, then receives a burst of
+/// fds: the kernel drops those it cannot install (MSG_CTRUNC, how EMFILE shows
+/// on receive). Exits 0 if that was a protocol error for the connection and
+/// every fd that did arrive was closed.
+fn emfile_worker() {
+    let mut r = Reactor::attach().expect("attach");
+    // No frame of a read whose fds the kernel truncated may reach a handler:
+    // the fds that did arrive could belong to other frames than the decoder thinks.
+    let calls = Rc::new(std::cell::Cell::new(0u32));
+    let c = calls.clone();
+    // Keep the fds, so that they pile up to the limit.
+    let kept: Rc<RefCell<Vec<OwnedFd>>> = Rc::default();
+    let k = kept.clone();
+    r.on("fd", move |_r, m: Message<()>| {
+        c.set(c.get() + 1);
+        k.borrow_mut().extend(m.fd);
+    })
+    .unwrap();
+    r.flush(REQ).unwrap();
+    let base = util::open_fds();
+    let limit = libc::rlimit { rlim_cur: base as libc::rlim_t + 4, rlim_max: libc::RLIM_INFINITY };
+    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write the rlimit structs we pass.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut old);
+        let limit = libc::rlimit { rlim_max: old.rlim_max, ..limit };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    r.send_to_master("limited", &(), None).send().unwrap();
+    let end = loop {
+        match r.poll(Some(Duration::from_millis(100))) {
+            Ok(()) => continue,
+            Err(e) => break e,
+        }
+    };
+    // SAFETY: as above.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &old) };
+    // Every frame handled came with its fd: none was paired with a wrong one.
+    let all_with_fds = kept.borrow().len() == calls.get() as usize;
+    kept.borrow_mut().clear();
+    let after = util::open_fds();
+    let missing = matches!(end, Error::Protocol(clusterphone::ProtocolError::MissingFds));
+    // Fds travel one per write: the frames whose fds fit under the limit are
+    // handled; the first truncated read ends the connection.
+    let ok = missing && after < base && all_with_fds && calls.get() < 32;
+    if !ok {
+        eprintln!("emfile worker: ended with {end:?}, fds {base} -> {after}, {} frames handled", calls.get());
+    }
+    std::process::exit(if ok { 0 } else { 1 });
+}
+
 #[test]
 fn fds_dropped_at_the_receivers_fd_limit_are_a_protocol_error_without_leaks() {
+    util::child("emfile", emfile_worker);
     let _d = util::deadline(Duration::from_secs(30));
     let mut r = Reactor::master().unwrap();
     let limited = Rc::new(RefCell::new(false));
     let l = limited.clone();
     r.on("limited", move |_r, _m: Message<()>| *l.borrow_mut() = true).unwrap();
-    let exit = Rc::new(RefCell::new(None));
-    let ex = exit.clone();
-    r.on_worker_event(move |_r, _id, e| {
-        if let clusterphone::WorkerEvent::Exited(s) = e {
-            *ex.borrow_mut() = Some(s.status.and_then(|s| s.code()));
-        }
-    });
-    let w = ready_worker_with(&mut r, "emfile");
+    let events = Events::record(&mut r);
+    let w = util::spawn_ready(&mut r, "emfile");
     util::poll_until(&mut r, REQ, |_| *limited.borrow());
     // 32 fds in one batch: far more than the worker may open.
     r.batch(|r| {
@@ -443,11 +392,47 @@ fn fds_dropped_at_the_receivers_fd_limit_are_a_protocol_error_without_leaks() {
         }
     });
     util::poll_until(&mut r, REQ, |r| r.workers().is_empty());
-    assert_eq!(*exit.borrow(), Some(Some(0)), "the worker saw no protocol error, or leaked fds");
+    let exit = events.exits().last().map(|(_, x)| x.status.and_then(|s| s.code()));
+    assert_eq!(exit, Some(Some(0)), "the worker saw no protocol error, or leaked fds");
+}
+
+/// Drops root (so the kernel's in-flight fd limit applies), lowers its fd
+/// limit to 32, then sends 200 fds to a master that is not reading yet: the
+/// kernel answers ETOOMANYREFS, which must hold frames back, not fail them.
+fn fd_flood_worker() {
+    let mut r = Reactor::attach().expect("attach");
+    r.flush(REQ).unwrap();
+    // SAFETY: plain syscalls on integers and structs we own.
+    unsafe {
+        if libc::geteuid() == 0 {
+            // Root is exempt from the in-flight limit (CAP_SYS_RESOURCE): become nobody.
+            assert_eq!(libc::setgid(65534), 0);
+            assert_eq!(libc::setuid(65534), 0);
+        }
+        let limit = libc::rlimit { rlim_cur: 32, rlim_max: 32 };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    for i in 0..200u32 {
+        // Queued frames hold their fds: at our own limit, let the reactor work first.
+        let file = loop {
+            match File::open("/dev/null") {
+                Ok(f) => break f,
+                Err(e) if e.raw_os_error() == Some(libc::EMFILE) => r.poll(Some(Duration::from_millis(5))).unwrap(),
+                Err(e) => panic!("open: {e}"),
+            }
+        };
+        r.send_to_master("flood", &i, Some(OwnedFd::from(file))).send().unwrap();
+    }
+    r.flush(Duration::from_secs(20)).unwrap();
+    let pushed_back = r.stats().fd_backpressure;
+    r.send_to_master("flooded", &pushed_back, None).send().unwrap();
+    r.flush(REQ).unwrap();
+    std::process::exit(0);
 }
 
 #[test]
 fn too_many_fds_in_flight_is_backpressure_not_an_error() {
+    util::child("fd-flood", fd_flood_worker);
     let _d = util::deadline(Duration::from_secs(40));
     let mut r = Reactor::master().unwrap();
     let got: Rc<RefCell<Vec<(u32, bool)>>> = Rc::default();
@@ -456,7 +441,7 @@ fn too_many_fds_in_flight_is_backpressure_not_an_error() {
     let pushed_back = Rc::new(RefCell::new(None));
     let p = pushed_back.clone();
     r.on("flooded", move |_r, m: Message<u64>| *p.borrow_mut() = Some(m.payload)).unwrap();
-    let _w = ready_worker_with(&mut r, "fd-flood");
+    let _w = util::spawn_ready(&mut r, "fd-flood");
     // Read nothing for a while: the worker's fds pile up in flight.
     std::thread::sleep(Duration::from_millis(500));
     util::poll_until(&mut r, Duration::from_secs(20), |_| pushed_back.borrow().is_some());

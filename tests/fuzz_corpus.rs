@@ -14,19 +14,14 @@ mod util;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use clusterphone::codec::{encode, Envelope, Kind, FLAG_ACK, MAGIC, PROTOCOL_VERSION};
 use clusterphone::ProtocolError;
 use harness::ScriptBuilder;
 
-/// The harness checks fds by number: no other test may open fds meanwhile.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
+// Every test here holds `util::alone()`: the harness checks fds by number,
+// so no other test may open fds meanwhile.
 
 const TARGETS: [&str; 2] = ["decoder", "receive"];
 
@@ -203,7 +198,7 @@ fn receive_seeds() -> Vec<(&'static str, Vec<u8>)> {
 /// generator's output. With it: (re)writes them.
 #[test]
 fn seeds_match_the_generator() {
-    let _g = serial();
+    let _alone = util::alone();
     let write = std::env::var_os("CP_WRITE_FUZZ_SEEDS").is_some();
     for (target, seeds) in [("decoder", decoder_seeds()), ("receive", receive_seeds())] {
         let dir = fuzz_dir().join("seeds").join(target);
@@ -240,7 +235,7 @@ fn inputs(target: &str) -> Vec<PathBuf> {
 
 #[test]
 fn every_seed_and_corpus_input_passes_the_harness() {
-    let _g = serial();
+    let _alone = util::alone();
     // A decoder that allocates or loops on some input must fail, not hang.
     let _d = util::deadline(Duration::from_secs(120));
     harness::receive_one(&ScriptBuilder::new(MIB, 1).push_fd().build()); // makes the template fd
@@ -271,7 +266,7 @@ fn every_seed_and_corpus_input_passes_the_harness() {
 
 #[test]
 fn seeds_reach_the_outcomes_they_are_named_for() {
-    let _g = serial();
+    let _alone = util::alone();
     let (frames, err) = harness::decoder_one(&conversation());
     assert_eq!((frames.len(), err), (7, None));
     let kinds: Vec<Kind> = frames.iter().map(|f| f.kind).collect();
@@ -314,7 +309,7 @@ fn seeds_reach_the_outcomes_they_are_named_for() {
 
 #[test]
 fn the_leak_check_sees_a_leaked_fd() {
-    let _g = serial();
+    let _alone = util::alone();
     let mut fds = harness::Fds::default();
     let kept = fds.make(0);
     drop(fds.make(1));

@@ -8,221 +8,29 @@
 //!
 //! The raw peer checks its own side (frames it reads back, the master closing
 //! the channel, fds being closed) and reports by its exit status: a panic in
-//! the raw role makes the re-executed test binary exit with 101.
+//! the raw role makes the re-executed test binary exit with 101. Each raw
+//! peer's code stands just above the test that spawns it.
 
 mod util;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::{Cell, RefCell};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clusterphone::codec::{fail, Kind, FLAG_ACK, MAGIC, PROTOCOL_VERSION};
 use clusterphone::{AckError, Bytes, Config, Error, Message, ProtocolError, SendError, WorkerId};
-use util::events::{echo_worker, Ev, Master, LIMIT};
-use util::raw::{assert_probe_closed, env, frame, probe, raw_frame, RawPeer};
-use util::{deadline, poll_until, role, worker_command};
-
-/// Records the largest single allocation of this process: memory reserved for
-/// what a peer announced shows here even if it is never touched (VmHWM would not).
-struct Largest;
-
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every call is forwarded unchanged to the system allocator; we only record sizes.
-unsafe impl GlobalAlloc for Largest {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as our caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use util::events::{echo_worker, Ev, Master};
+use util::raw::{
+    assert_probe_closed, count_slow_floods, env, flood_batch, frame, never_reads, probe, raw_frame, RawPeer,
+};
+use util::{deadline, poll_until, LIMIT};
 
 #[global_allocator]
-static ALLOC: Largest = Largest;
-
-// ----- roles (run in re-executed children) ----------------------------------
-
-#[test]
-fn worker_entry() {
-    let Some(role) = role() else { return };
-    util::worker_watchdog();
-    match role.as_str() {
-        "echo" => echo_worker(),
-        "garbage" => raw_garbage(),
-        "truncated" => raw_truncated(),
-        "version" => raw_version(),
-        "badhello" => raw_bad_hello(),
-        "beforehello" => raw_before_hello(),
-        "badpayload" => raw_bad_payload(),
-        "hugelen" => raw_huge_length(),
-        "missingfd" => raw_missing_fd(),
-        "badseq" => raw_bad_seq(),
-        "nohandler" => raw_no_handler(),
-        "noread" => raw_never_reads(),
-        "flood" => raw_flood(),
-        other => panic!("unknown role {other}"),
-    }
-}
-
-fn raw_garbage() {
-    let mut p = RawPeer::connect();
-    p.handshake();
-    let (keep, give) = probe();
-    p.send_with_fds(b"GET / HTTP/1.1\r\nHost: clusterphone\r\n\r\n", &[give.as_raw_fd()]);
-    drop(give);
-    p.until_eof();
-    assert_probe_closed(keep);
-}
-
-fn raw_truncated() {
-    let mut p = RawPeer::connect();
-    p.handshake();
-    let f = frame(env(Kind::Message, FLAG_ACK, 0, 1, "_", "echo"), &"a payload that is cut in two");
-    p.write(&f[..f.len() / 2]);
-    drop(p);
-    // Stay alive with the channel closed: the master must report the
-    // disconnection itself (it kills us afterwards).
-    std::thread::sleep(Duration::from_secs(30));
-}
-
-fn raw_version() {
-    let mut p = RawPeer::connect();
-    p.hello(99);
-    let frames = p.until_eof();
-    let first = frames.first().expect("the master answers with its own hello before closing");
-    assert_eq!(first.kind, Kind::Hello);
-    let (version, _): (u32, Vec<String>) = first.decode();
-    assert_eq!(version, PROTOCOL_VERSION);
-    let user: Vec<_> = frames.iter().filter(|f| f.kind == Kind::Message).collect();
-    assert!(user.is_empty(), "the master sent user messages to a peer of another protocol version: {user:?}");
-}
-
-fn raw_bad_hello() {
-    let mut p = RawPeer::connect();
-    p.write(&raw_frame(env(Kind::Hello, 0, 0, 0, "", ""), &[0xff, 0x1c, 0x00]));
-    let frames = p.until_eof();
-    assert!(frames.is_empty(), "the master answered a broken hello: {frames:?}");
-}
-
-fn raw_before_hello() {
-    let mut p = RawPeer::connect();
-    p.write(&frame(env(Kind::Message, 0, 0, 0, "_", "echo"), &5u64));
-    let frames = p.until_eof();
-    assert!(frames.is_empty(), "the master answered a message sent before hello: {frames:?}");
-}
-
-fn raw_bad_payload() {
-    let mut p = RawPeer::connect();
-    let ping = p.handshake();
-    p.write(&frame(env(Kind::Reply, 0, 0, ping, "", ""), &41u32));
-    // Not CBOR at all, then CBOR cut short: the typed handler cannot decode either.
-    for (seq, bytes) in [(1u64, &[0xffu8][..]), (2, &[0x1a, 0x00][..])] {
-        p.write(&raw_frame(env(Kind::Message, FLAG_ACK, 0, seq, "_", "typed"), bytes));
-        let f = p.expect(Kind::Fail, seq);
-        let (code, text): (u8, String) = f.decode();
-        assert_eq!(code, fail::BAD_PAYLOAD, "{text}");
-    }
-    // The channel is still up: a good message to the same handler is answered.
-    p.write(&frame(env(Kind::Message, FLAG_ACK, 0, 3, "_", "typed"), &7u64));
-    let f = p.expect(Kind::Reply, 3);
-    assert_eq!(f.decode::<u64>(), 8);
-}
-
-fn raw_huge_length() {
-    let mut p = RawPeer::connect();
-    p.handshake();
-    let mut bytes = vec![0xff, 0xff, 0xff, 0x7f, MAGIC, Kind::Message as u8, 0, 0];
-    bytes.extend_from_slice(&[0; 12]);
-    bytes.extend_from_slice(&[0x5a; 4096]);
-    p.write(&bytes);
-    p.until_eof();
-}
-
-fn raw_missing_fd() {
-    let mut p = RawPeer::connect();
-    p.handshake();
-    // The header announces an fd, but a plain write carries none.
-    p.write(&frame(env(Kind::Message, 0, 1, 0, "_", "echo"), &5u64));
-    p.until_eof();
-}
-
-fn raw_bad_seq() {
-    let mut p = RawPeer::connect();
-    p.handshake();
-    let (keep, give) = probe();
-    let f = frame(env(Kind::Reply, 0, 1, 999, "", ""), &5u32);
-    p.send_with_fds(&f, &[give.as_raw_fd()]);
-    drop(give);
-    p.until_eof();
-    assert_probe_closed(keep);
-}
-
-fn raw_no_handler() {
-    let mut p = RawPeer::connect();
-    let ping = p.handshake();
-    p.write(&frame(env(Kind::Reply, 0, 0, ping, "", ""), &41u32));
-    // No ack asked: no reply of any kind may come back.
-    p.write(&frame(env(Kind::Message, 0, 0, 0, "_", "nope"), &()));
-    p.write(&frame(env(Kind::Message, 0, 0, 0, "zz", "nope"), &()));
-    p.write(&raw_frame(env(Kind::Message, 0, 0, 0, "_", "typed"), &[0xff]));
-    p.expect_silence(Duration::from_millis(300));
-    // Ack asked (even with sequence 0): exactly one failure each, nothing more.
-    p.write(&frame(env(Kind::Message, FLAG_ACK, 0, 0, "_", "nope"), &()));
-    let (code, _): (u8, String) = p.expect(Kind::Fail, 0).decode();
-    assert_eq!(code, fail::NO_HANDLER);
-    p.write(&frame(env(Kind::Message, FLAG_ACK, 0, 9, "zz", "nope"), &()));
-    let (code, _): (u8, String) = p.expect(Kind::Fail, 9).decode();
-    assert_eq!(code, fail::UNKNOWN_NAMESPACE);
-    p.expect_silence(Duration::from_millis(300));
-}
-
-fn raw_never_reads() {
-    let mut p = RawPeer::connect();
-    p.hello(PROTOCOL_VERSION);
-    // Never read; just wait (without consuming anything) for the master to go.
-    let end = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < end {
-        let mut pfd = libc::pollfd { fd: p.sock.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, 100) };
-        if n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLRDHUP) != 0 {
-            return;
-        }
-    }
-}
-
-fn raw_flood() {
-    let mut p = RawPeer::connect();
-    p.hello(PROTOCOL_VERSION);
-    let mut batch = Vec::new();
-    for i in 0..256u64 {
-        batch.extend(frame(env(Kind::Message, 0, 0, 0, "_", "flood"), &i));
-    }
-    // Valid frames, without end, never reading; stops when the master goes.
-    while p.sock.write_all(&batch).is_ok() {}
-}
-
-// ----- the master's side -----------------------------------------------------
+static ALLOC: util::alloc::Counting = util::alloc::Counting;
 
 /// Peak resident memory of this process, in KiB.
 fn peak_rss_kib() -> u64 {
@@ -231,13 +39,17 @@ fn peak_rss_kib() -> u64 {
     line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("VmHWM value")
 }
 
-/// Runs one protocol violation by raw role `role` against a master that also
-/// serves a normal worker, and checks everything the master must do.
-fn violation(role: &str, kill_raw: bool, expected: impl Fn(&ProtocolError) -> bool) {
+/// The whole of a test of one protocol violation: runs raw peer `raw` against
+/// a master that also serves a normal worker, and checks everything the
+/// master must do.
+#[track_caller]
+fn violation(raw: fn(), kill_raw: bool, expected: impl Fn(&ProtocolError) -> bool) {
+    util::child("echo", echo_worker);
+    util::child("raw", raw);
     let _guard = deadline(Duration::from_secs(25));
     let mut m = Master::new(Config::default());
-    let normal = m.r.spawn(worker_command("echo")).unwrap();
-    let raw = m.r.spawn(worker_command(role)).unwrap();
+    let normal = m.spawn("echo");
+    let raw = m.spawn("raw");
     // An ack pending on the raw worker (queued until its hello).
     let outcomes = m.send_acked::<_, u32>(raw, "ping", &1u32, Duration::from_secs(20));
     m.echo(normal, 1);
@@ -273,51 +85,131 @@ fn violation(role: &str, kill_raw: bool, expected: impl Fn(&ProtocolError) -> bo
     m.r.shutdown(Duration::from_secs(2)).unwrap();
 }
 
+fn raw_garbage() {
+    let mut p = RawPeer::connect();
+    p.handshake();
+    let (keep, give) = probe();
+    p.send_with_fds(b"GET / HTTP/1.1\r\nHost: clusterphone\r\n\r\n", &[give.as_raw_fd()]);
+    drop(give);
+    p.until_eof();
+    assert_probe_closed(keep);
+}
+
 #[test]
 fn garbage_bytes_close_only_that_channel_and_its_fds() {
-    violation("garbage", false, |e| matches!(e, ProtocolError::BadMagic(_)));
+    violation(raw_garbage, false, |e| matches!(e, ProtocolError::BadMagic(_)));
+}
+
+fn raw_truncated() {
+    let mut p = RawPeer::connect();
+    p.handshake();
+    let f = frame(env(Kind::Message, FLAG_ACK, 0, 1, "_", "echo"), &"a payload that is cut in two");
+    p.write(&f[..f.len() / 2]);
+    drop(p);
+    // Stay alive with the channel closed: the master must report the
+    // disconnection itself (it kills us afterwards).
+    std::thread::sleep(Duration::from_secs(30));
 }
 
 #[test]
 fn truncated_frame_then_close_is_reported_as_truncated() {
-    violation("truncated", true, |e| matches!(e, ProtocolError::Truncated));
+    violation(raw_truncated, true, |e| matches!(e, ProtocolError::Truncated));
+}
+
+fn raw_version() {
+    let mut p = RawPeer::connect();
+    p.hello(99);
+    let frames = p.until_eof();
+    let first = frames.first().expect("the master answers with its own hello before closing");
+    assert_eq!(first.kind, Kind::Hello);
+    let (version, _): (u32, Vec<String>) = first.decode();
+    assert_eq!(version, PROTOCOL_VERSION);
+    let user: Vec<_> = frames.iter().filter(|f| f.kind == Kind::Message).collect();
+    assert!(user.is_empty(), "the master sent user messages to a peer of another protocol version: {user:?}");
 }
 
 #[test]
 fn unknown_protocol_version_in_hello() {
-    violation("version", false, |e| matches!(e, ProtocolError::Version(99)));
+    violation(raw_version, false, |e| matches!(e, ProtocolError::Version(99)));
+}
+
+fn raw_bad_hello() {
+    let mut p = RawPeer::connect();
+    p.write(&raw_frame(env(Kind::Hello, 0, 0, 0, "", ""), &[0xff, 0x1c, 0x00]));
+    let frames = p.until_eof();
+    assert!(frames.is_empty(), "the master answered a broken hello: {frames:?}");
 }
 
 #[test]
 fn invalid_cbor_in_hello() {
-    violation("badhello", false, |e| matches!(e, ProtocolError::BadControl(_)));
+    violation(raw_bad_hello, false, |e| matches!(e, ProtocolError::BadControl(_)));
+}
+
+fn raw_before_hello() {
+    let mut p = RawPeer::connect();
+    p.write(&frame(env(Kind::Message, 0, 0, 0, "_", "echo"), &5u64));
+    let frames = p.until_eof();
+    assert!(frames.is_empty(), "the master answered a message sent before hello: {frames:?}");
 }
 
 #[test]
 fn message_before_hello() {
-    violation("beforehello", false, |e| matches!(e, ProtocolError::UnexpectedFrame(_)));
+    violation(raw_before_hello, false, |e| matches!(e, ProtocolError::UnexpectedFrame(_)));
+}
+
+fn raw_huge_length() {
+    let mut p = RawPeer::connect();
+    p.handshake();
+    let mut bytes = vec![0xff, 0xff, 0xff, 0x7f, MAGIC, Kind::Message as u8, 0, 0];
+    bytes.extend_from_slice(&[0; 12]);
+    bytes.extend_from_slice(&[0x5a; 4096]);
+    p.write(&bytes);
+    p.until_eof();
 }
 
 #[test]
 fn huge_length_is_refused_without_allocating_it() {
-    violation("hugelen", false, |e| matches!(e, ProtocolError::TooLarge { size, .. } if *size == 0x7fff_ffff + 4));
+    violation(
+        raw_huge_length,
+        false,
+        |e| matches!(e, ProtocolError::TooLarge { size, .. } if *size == 0x7fff_ffff + 4),
+    );
     // Had the master allocated (and zeroed) the announced 2 GiB, its peak
     // resident size would show it.
     let peak = peak_rss_kib();
     assert!(peak < 512 * 1024, "peak RSS {peak} KiB");
     // Nor reserved it untouched (no test here allocates anything near 64 MiB at once).
-    let largest = LARGEST.load(Ordering::Relaxed);
+    let largest = util::alloc::largest();
     assert!(largest < 64 << 20, "a single allocation of {largest} bytes");
+}
+
+fn raw_missing_fd() {
+    let mut p = RawPeer::connect();
+    p.handshake();
+    // The header announces an fd, but a plain write carries none.
+    p.write(&frame(env(Kind::Message, 0, 1, 0, "_", "echo"), &5u64));
+    p.until_eof();
 }
 
 #[test]
 fn fd_count_without_an_fd_is_missing_fds() {
-    violation("missingfd", false, |e| matches!(e, ProtocolError::MissingFds));
+    violation(raw_missing_fd, false, |e| matches!(e, ProtocolError::MissingFds));
+}
+
+fn raw_bad_seq() {
+    let mut p = RawPeer::connect();
+    p.handshake();
+    let (keep, give) = probe();
+    let f = frame(env(Kind::Reply, 0, 1, 999, "", ""), &5u32);
+    p.send_with_fds(&f, &[give.as_raw_fd()]);
+    drop(give);
+    p.until_eof();
+    assert_probe_closed(keep);
 }
 
 #[test]
 fn ack_for_a_sequence_never_issued_closes_the_channel_and_its_fd() {
-    violation("badseq", false, |e| matches!(e, ProtocolError::UnknownSequence(999)));
+    violation(raw_bad_seq, false, |e| matches!(e, ProtocolError::UnknownSequence(999)));
 }
 
 /// Logs the reason of every message the master could not hand to a handler.
@@ -328,11 +220,12 @@ fn record_unhandled(m: &mut Master) -> Rc<RefCell<Vec<AckError>>> {
     unhandled
 }
 
-/// Spawns the normal worker and the raw role `role`, which answers the ping
-/// with 41, runs its own checks and exits; returns (normal, raw).
-fn run_to_completion(m: &mut Master, role: &str) -> (WorkerId, WorkerId) {
-    let normal = m.r.spawn(worker_command("echo")).unwrap();
-    let raw = m.r.spawn(worker_command(role)).unwrap();
+/// Spawns the normal worker ("echo") and the raw peer ("raw"), which answers
+/// the ping with 41, runs its own checks and exits; returns (normal, raw).
+#[track_caller]
+fn run_to_completion(m: &mut Master) -> (WorkerId, WorkerId) {
+    let normal = m.spawn("echo");
+    let raw = m.spawn("raw");
     let outcomes = m.send_acked::<_, u32>(raw, "ping", &1u32, LIMIT);
     let status = m.wait_exit(raw);
     assert!(status.success(), "the raw peer's own checks failed: {status}");
@@ -340,8 +233,27 @@ fn run_to_completion(m: &mut Master, role: &str) -> (WorkerId, WorkerId) {
     (normal, raw)
 }
 
+fn raw_bad_payload() {
+    let mut p = RawPeer::connect();
+    let ping = p.handshake();
+    p.write(&frame(env(Kind::Reply, 0, 0, ping, "", ""), &41u32));
+    // Not CBOR at all, then CBOR cut short: the typed handler cannot decode either.
+    for (seq, bytes) in [(1u64, &[0xffu8][..]), (2, &[0x1a, 0x00][..])] {
+        p.write(&raw_frame(env(Kind::Message, FLAG_ACK, 0, seq, "_", "typed"), bytes));
+        let f = p.expect(Kind::Fail, seq);
+        let (code, text): (u8, String) = f.decode();
+        assert_eq!(code, fail::BAD_PAYLOAD, "{text}");
+    }
+    // The channel is still up: a good message to the same handler is answered.
+    p.write(&frame(env(Kind::Message, FLAG_ACK, 0, 3, "_", "typed"), &7u64));
+    let f = p.expect(Kind::Reply, 3);
+    assert_eq!(f.decode::<u64>(), 8);
+}
+
 #[test]
 fn undecodable_payload_to_typed_handler_is_bad_payload_not_a_protocol_error() {
+    util::child("echo", echo_worker);
+    util::child("raw", raw_bad_payload);
     let _guard = deadline(Duration::from_secs(25));
     let mut m = Master::new(Config::default());
     let calls: Rc<RefCell<Vec<u64>>> = Rc::default();
@@ -352,7 +264,7 @@ fn undecodable_payload_to_typed_handler_is_bad_payload_not_a_protocol_error() {
     })
     .unwrap();
     let unhandled = record_unhandled(&mut m);
-    let (normal, raw) = run_to_completion(&mut m, "badpayload");
+    let (normal, raw) = run_to_completion(&mut m);
     assert_eq!(*calls.borrow(), vec![7], "the handler runs only for the payload that decodes");
     let reasons = unhandled.borrow().clone();
     assert_eq!(reasons.len(), 2, "{reasons:?}");
@@ -365,8 +277,29 @@ fn undecodable_payload_to_typed_handler_is_bad_payload_not_a_protocol_error() {
     m.r.shutdown(Duration::from_secs(2)).unwrap();
 }
 
+fn raw_no_handler() {
+    let mut p = RawPeer::connect();
+    let ping = p.handshake();
+    p.write(&frame(env(Kind::Reply, 0, 0, ping, "", ""), &41u32));
+    // No ack asked: no reply of any kind may come back.
+    p.write(&frame(env(Kind::Message, 0, 0, 0, "_", "nope"), &()));
+    p.write(&frame(env(Kind::Message, 0, 0, 0, "zz", "nope"), &()));
+    p.write(&raw_frame(env(Kind::Message, 0, 0, 0, "_", "typed"), &[0xff]));
+    p.expect_silence(Duration::from_millis(300));
+    // Ack asked (even with sequence 0): exactly one failure each, nothing more.
+    p.write(&frame(env(Kind::Message, FLAG_ACK, 0, 0, "_", "nope"), &()));
+    let (code, _): (u8, String) = p.expect(Kind::Fail, 0).decode();
+    assert_eq!(code, fail::NO_HANDLER);
+    p.write(&frame(env(Kind::Message, FLAG_ACK, 0, 9, "zz", "nope"), &()));
+    let (code, _): (u8, String) = p.expect(Kind::Fail, 9).decode();
+    assert_eq!(code, fail::UNKNOWN_NAMESPACE);
+    p.expect_silence(Duration::from_millis(300));
+}
+
 #[test]
 fn unknown_command_without_ack_gets_no_reply_at_all() {
+    util::child("echo", echo_worker);
+    util::child("raw", raw_no_handler);
     let _guard = deadline(Duration::from_secs(25));
     let mut m = Master::new(Config::default());
     m.r.on("typed", |_r, msg: Message<u64>| {
@@ -374,7 +307,7 @@ fn unknown_command_without_ack_gets_no_reply_at_all() {
     })
     .unwrap();
     let unhandled = record_unhandled(&mut m);
-    let (normal, _raw) = run_to_completion(&mut m, "nohandler");
+    let (normal, _raw) = run_to_completion(&mut m);
     let reasons = unhandled.borrow().clone();
     assert!(
         matches!(
@@ -400,13 +333,15 @@ fn unknown_command_without_ack_gets_no_reply_at_all() {
 
 #[test]
 fn peer_that_never_reads_fills_the_queue_not_the_master() {
+    util::child("echo", echo_worker);
+    util::child("raw", never_reads);
     let _guard = deadline(Duration::from_secs(25));
     let mut config = Config::default();
     config.max_queue_bytes = 256 * 1024;
     let max_queue = config.max_queue_bytes;
     let mut m = Master::new(config);
-    let normal = m.r.spawn(worker_command("echo")).unwrap();
-    let raw = m.r.spawn(worker_command("noread")).unwrap();
+    let normal = m.spawn("echo");
+    let raw = m.spawn("raw");
     m.wait_event(raw, |e| matches!(e, Ev::Ready));
 
     let blob = Bytes(vec![0xa5; 16 * 1024]);
@@ -458,26 +393,27 @@ fn peer_that_never_reads_fills_the_queue_not_the_master() {
     m.r.shutdown(Duration::from_secs(2)).unwrap();
 }
 
+fn raw_flood() {
+    let mut p = RawPeer::connect();
+    p.hello(PROTOCOL_VERSION);
+    let batch = flood_batch();
+    // Valid frames, without end, never reading; stops when the master goes.
+    while p.sock.write_all(&batch).is_ok() {}
+}
+
 #[test]
 fn flooding_peer_does_not_starve_the_others() {
+    util::child("echo", echo_worker);
+    util::child("raw", raw_flood);
     let _guard = deadline(Duration::from_secs(25));
     let mut config = Config::default();
     config.frames_per_poll = 16;
     let mut m = Master::new(config);
-    let flooded = Rc::new(Cell::new(0u64));
-    let f = flooded.clone();
     // Slower to handle than the peer is to write: the flood never runs dry,
     // so only the per-poll frame budget lets anything else through.
-    m.r.on("flood", move |_r, _msg: Message<u64>| {
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_micros(20) {
-            std::hint::spin_loop();
-        }
-        f.set(f.get() + 1);
-    })
-    .unwrap();
-    let normal = m.r.spawn(worker_command("echo")).unwrap();
-    let raw = m.r.spawn(worker_command("flood")).unwrap();
+    let flooded = count_slow_floods(&mut m.r);
+    let normal = m.spawn("echo");
+    let raw = m.spawn("raw");
     m.echo(normal, 0);
     let counter = flooded.clone();
     poll_until(&mut m.r, LIMIT, move |_| counter.get() >= 2000);

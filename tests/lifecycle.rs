@@ -14,153 +14,47 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use clusterphone::{AckError, Config, Error, Exit, Message, Reactor, Responder, WorkerEvent, WorkerId};
-use util::events::{echo_worker, LIMIT};
-use util::{deadline, poll_until, role, serve, worker_command};
+use clusterphone::{AckError, Config, Error, Message, Reactor, Responder, WorkerEvent, WorkerId};
+use util::events::{echo_worker, Events};
+use util::{deadline, poll_until, serve, worker_command, Reaped, LIMIT};
 
-// ----- roles (run in re-executed children) ----------------------------------
-
-#[test]
-fn worker_entry() {
-    let Some(role) = role() else { return };
-    util::worker_watchdog();
-    match role.as_str() {
-        "echo" => echo_worker(),
-        "late-hello" => late_hello_worker(),
-        "notes-then-exit" => notes_then_exit_worker(),
-        "hold" => holding_worker(),
-        "bye-then-exit" => bye_then_exit_worker(),
-        "signal-state" => signal_state_worker(),
-        "chatty" => chatty_worker(),
-        "master-sigchld-ignored" => master_with_sigchld_ignored(),
-        "master-reaped-elsewhere" => master_whose_workers_are_reaped_elsewhere(),
-        "master-blocked-signals" => master_with_blocked_signals(),
-        "attach-own-socket" => attach_pointed_at_own_socket(),
-        other => panic!("unknown role {other}"),
-    }
-}
-
-/// Says hello only after a while: messages sent to it meanwhile expire.
-fn late_hello_worker() {
-    std::thread::sleep(Duration::from_millis(600));
-    let mut r = Reactor::attach().expect("attach");
-    let calls = Rc::new(Cell::new(0u32));
-    let c = calls.clone();
-    r.on("count-me", move |_r, m: Message<()>| {
-        c.set(c.get() + 1);
-        let _ = m.reply.ok(&());
-    })
-    .unwrap();
-    r.on("count", move |_r, m: Message<()>| {
-        let _ = m.reply.ok(&calls.get());
-    })
-    .unwrap();
-    serve(&mut r);
-}
-
-/// On `work`: sends three `note`s, replies, and exits.
-fn notes_then_exit_worker() {
-    let mut r = Reactor::attach().expect("attach");
-    let done = Rc::new(Cell::new(false));
-    let d = done.clone();
-    r.on("work", move |r, m: Message<()>| {
-        for i in 0..3u32 {
-            r.send_to_master("note", &i, None).send().unwrap();
-        }
-        let _ = m.reply.ok(&7u32);
-        d.set(true);
-    })
-    .unwrap();
-    while !done.get() {
-        r.poll(Some(Duration::from_millis(100))).expect("poll");
-    }
-    r.flush(LIMIT).expect("flush");
-    std::process::exit(0);
-}
-
-/// Keeps every `hold` responder, never answering.
-fn holding_worker() {
-    let mut r = Reactor::attach().expect("attach");
-    let held: Rc<RefCell<Vec<Responder>>> = Rc::default();
-    let h = held.clone();
-    r.on("hold", move |_r, m: Message<u32>| h.borrow_mut().push(m.reply)).unwrap();
-    serve(&mut r);
-}
-
-/// Says hello, sends `bye`, and exits.
-fn bye_then_exit_worker() {
-    let mut r = Reactor::attach().expect("attach");
-    r.send_to_master("bye", &(), None).send().unwrap();
-    r.flush(LIMIT).expect("flush");
-    std::process::exit(0);
-}
-
-/// Answers `sigstate` with its blocked and ignored signal masks.
-fn signal_state_worker() {
-    let mut r = Reactor::attach().expect("attach");
-    r.on("sigstate", |_r, m: Message<()>| {
-        // This thread's own mask (the process's main thread may be inside a
-        // pthread_create, which blocks every signal for a moment).
-        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
-        let field = |name: &str| {
-            let line = status.lines().find(|l| l.starts_with(name)).unwrap();
-            u64::from_str_radix(line[name.len()..].trim(), 16).unwrap()
-        };
-        let _ = m.reply.ok(&(field("SigBlk:"), field("SigIgn:")));
-    })
-    .unwrap();
-    serve(&mut r);
-}
-
-/// Writes 256 KiB to stdout (four times a pipe's buffer), then echoes.
-fn chatty_worker() {
-    let mut out = std::io::stdout().lock();
-    for _ in 0..256 {
-        out.write_all(&[b'x'; 1024]).unwrap();
-    }
-    out.flush().unwrap();
-    drop(out);
-    echo_worker();
-}
-
-/// Runs `role` as a master in a child process and checks that it succeeded.
+/// The whole of a test whose master changes process-wide state: runs
+/// `master` in a child process of its own, its workers playing `role` with
+/// `worker`, and checks that it succeeded.
 #[track_caller]
-fn run_master_in_child(role: &str) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "worker_entry", "--nocapture", "--test-threads", "1", "-q"])
-        .env(util::ROLE_VAR, role)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn the child master");
-    let end = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the child master ({role}) did not finish in time");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+fn run_master_in_child(master: fn(), role: &str, worker: fn()) {
+    util::child("master", master);
+    util::child(role, worker);
+    let _d = deadline(Duration::from_secs(40));
+    let mut child = Reaped(worker_command("master").spawn().expect("spawn the child master"));
+    let Some(status) = child.exit_within(Duration::from_secs(30)) else {
+        panic!("the child master did not finish in time");
     };
-    assert!(status.success(), "the child master ({role}) failed: {status}");
+    assert!(status.success(), "the child master failed: {status}");
 }
 
-/// Records every worker's `Exited` events.
-fn record_exits(r: &mut Reactor) -> Rc<RefCell<Vec<(WorkerId, Exit)>>> {
-    let exits: Rc<RefCell<Vec<(WorkerId, Exit)>>> = Rc::default();
-    let e = exits.clone();
-    r.on_worker_event(move |_r, id, ev| {
-        if let WorkerEvent::Exited(exit) = ev {
-            e.borrow_mut().push((id, *exit));
-        }
-    });
-    exits
+/// Sends `sig` to worker `w`'s process by its pid, behind the reactor's back.
+#[track_caller]
+fn signal(r: &Reactor, w: WorkerId, sig: libc::c_int) {
+    let pid = r.worker_pid(w).expect("a running worker") as libc::pid_t;
+    // SAFETY: kill(2) on our own child, still running (it has not been seen
+    // to exit), so the pid is still its own.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// Spawns an echo worker, lets it answer once, kills it (SIGKILL, by pid) and
+/// polls until an exit is reported; the worker's id.
+#[track_caller]
+fn crash_an_echo_worker(r: &mut Reactor, events: &Events) -> WorkerId {
+    let w = r.spawn(worker_command("echo")).unwrap();
+    let _: u64 = r.request(w, "echo", &1u64, LIMIT).unwrap();
+    signal(r, w, libc::SIGKILL);
+    poll_until(r, LIMIT, |_| !events.exits().is_empty());
+    w
 }
 
 // ----- configuration ---------------------------------------------------------
@@ -188,8 +82,7 @@ fn a_config_out_of_range_is_refused_by_both_constructors() {
 
 #[test]
 fn exits_are_reported_when_sigchld_is_ignored() {
-    let _d = deadline(Duration::from_secs(40));
-    run_master_in_child("master-sigchld-ignored");
+    run_master_in_child(master_with_sigchld_ignored, "echo", echo_worker);
 }
 
 /// With SIGCHLD ignored the kernel reaps children itself: `waitpid` says
@@ -199,15 +92,9 @@ fn master_with_sigchld_ignored() {
     // SAFETY: setting a disposition to SIG_IGN installs no handler.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
     let mut r = Reactor::master().unwrap();
-    let exits = record_exits(&mut r);
-    let w = r.spawn(worker_command("echo")).unwrap();
-    let _: u64 = r.request(w, "echo", &1u64, LIMIT).unwrap();
-    let pid = r.worker_pid(w).unwrap() as libc::pid_t;
-    // SAFETY: kill(2) on our own child, which has not exited (it just answered).
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    let e = exits.clone();
-    poll_until(&mut r, LIMIT, move |_| !e.borrow().is_empty());
-    let (id, exit) = exits.borrow()[0];
+    let events = Events::record(&mut r);
+    let w = crash_an_echo_worker(&mut r, &events);
+    let (id, exit) = events.exits()[0];
     assert_eq!(id, w);
     assert_eq!(exit.status, None, "the status went to the kernel's reaper");
     assert!(!exit.requested);
@@ -218,7 +105,7 @@ fn master_with_sigchld_ignored() {
     let start = Instant::now();
     r.shutdown(Duration::from_secs(5)).unwrap();
     assert!(start.elapsed() < Duration::from_secs(3), "shutdown waited {:?} for an exited worker", start.elapsed());
-    let exits = exits.borrow();
+    let exits = events.exits();
     assert_eq!(exits.len(), 2);
     assert_eq!(exits[1].0, w2);
     assert!(exits[1].1.requested);
@@ -226,8 +113,7 @@ fn master_with_sigchld_ignored() {
 
 #[test]
 fn a_worker_reaped_elsewhere_is_reported_and_never_signalled() {
-    let _d = deadline(Duration::from_secs(40));
-    run_master_in_child("master-reaped-elsewhere");
+    run_master_in_child(master_whose_workers_are_reaped_elsewhere, "echo", echo_worker);
 }
 
 /// Another part of the program reaps the worker (`waitpid` on its pid). The
@@ -235,7 +121,7 @@ fn a_worker_reaped_elsewhere_is_reported_and_never_signalled() {
 /// through the pidfd, which no reused pid can answer to.
 fn master_whose_workers_are_reaped_elsewhere() {
     let mut r = Reactor::master().unwrap();
-    let exits = record_exits(&mut r);
+    let events = Events::record(&mut r);
     let w = r.spawn(worker_command("echo")).unwrap();
     let _: u64 = r.request(w, "echo", &1u64, LIMIT).unwrap();
     let pid = r.worker_pid(w).unwrap() as libc::pid_t;
@@ -249,9 +135,8 @@ fn master_whose_workers_are_reaped_elsewhere() {
     // The pid is free now: a kill must not go out by pid (it would reach
     // whichever process gets the pid next).
     r.kill(w).expect("kill of a worker reaped elsewhere is a no-op");
-    let e = exits.clone();
-    poll_until(&mut r, LIMIT, move |_| !e.borrow().is_empty());
-    let (id, exit) = exits.borrow()[0];
+    poll_until(&mut r, LIMIT, |_| !events.exits().is_empty());
+    let (id, exit) = events.exits()[0];
     assert_eq!(id, w);
     assert_eq!(exit.status, None);
     assert!(r.workers().is_empty());
@@ -260,8 +145,20 @@ fn master_whose_workers_are_reaped_elsewhere() {
 
 // ----- stdio and signals ------------------------------------------------------
 
+/// Writes 256 KiB to stdout (four times a pipe's buffer), then echoes.
+fn chatty_worker() {
+    let mut out = std::io::stdout().lock();
+    for _ in 0..256 {
+        out.write_all(&[b'x'; 1024]).unwrap();
+    }
+    out.flush().unwrap();
+    drop(out);
+    echo_worker();
+}
+
 #[test]
 fn piped_stdio_is_refused_by_spawn_and_handed_over_by_spawn_piped() {
+    util::child("chatty", chatty_worker);
     let _d = deadline(Duration::from_secs(30));
     let mut r = Reactor::master().unwrap();
     let mut cmd = worker_command("chatty");
@@ -301,8 +198,24 @@ fn children_of_this_process() -> Vec<u32> {
 
 #[test]
 fn workers_start_with_a_clean_signal_state() {
-    let _d = deadline(Duration::from_secs(40));
-    run_master_in_child("master-blocked-signals");
+    run_master_in_child(master_with_blocked_signals, "signal-state", signal_state_worker);
+}
+
+/// Answers `sigstate` with its blocked and ignored signal masks.
+fn signal_state_worker() {
+    let mut r = Reactor::attach().expect("attach");
+    r.on("sigstate", |_r, m: Message<()>| {
+        // This thread's own mask (the process's main thread may be inside a
+        // pthread_create, which blocks every signal for a moment).
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        let field = |name: &str| {
+            let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+            u64::from_str_radix(line[name.len()..].trim(), 16).unwrap()
+        };
+        let _ = m.reply.ok(&(field("SigBlk:"), field("SigIgn:")));
+    })
+    .unwrap();
+    serve(&mut r);
 }
 
 /// A master that blocks SIGINT and SIGTERM (as for a signalfd) and ignores
@@ -319,24 +232,40 @@ fn master_with_blocked_signals() {
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
     }
     let mut r = Reactor::master().unwrap();
-    let exits = record_exits(&mut r);
+    let events = Events::record(&mut r);
     let w = r.spawn(worker_command("signal-state")).unwrap();
     let (blocked, ignored): (u64, u64) = r.request(w, "sigstate", &(), LIMIT).unwrap();
     assert_eq!(blocked, 0, "the worker inherited a blocked-signal mask {blocked:#x}");
     assert_eq!(ignored & (1 << (libc::SIGHUP - 1)), 0, "the worker inherited an ignored SIGHUP ({ignored:#x})");
-    let pid = r.worker_pid(w).unwrap() as libc::pid_t;
-    // SAFETY: kill(2) on our own running child.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let e = exits.clone();
-    poll_until(&mut r, LIMIT, move |_| !e.borrow().is_empty());
-    let status = exits.borrow()[0].1.status.expect("status");
+    signal(&r, w, libc::SIGTERM);
+    poll_until(&mut r, LIMIT, |_| !events.exits().is_empty());
+    let status = events.exits()[0].1.status.expect("status");
     assert_eq!(status.signal(), Some(libc::SIGTERM), "{status}");
 }
 
 // ----- ordering and exactly-once ---------------------------------------------
 
+/// Says hello only after a while: messages sent to it meanwhile expire.
+fn late_hello_worker() {
+    std::thread::sleep(Duration::from_millis(600));
+    let mut r = Reactor::attach().expect("attach");
+    let calls = Rc::new(Cell::new(0u32));
+    let c = calls.clone();
+    r.on("count-me", move |_r, m: Message<()>| {
+        c.set(c.get() + 1);
+        let _ = m.reply.ok(&());
+    })
+    .unwrap();
+    r.on("count", move |_r, m: Message<()>| {
+        let _ = m.reply.ok(&calls.get());
+    })
+    .unwrap();
+    serve(&mut r);
+}
+
 #[test]
 fn a_message_whose_deadline_passed_before_the_hello_is_never_delivered() {
+    util::child("late-hello", late_hello_worker);
     let _d = deadline(Duration::from_secs(20));
     let mut r = Reactor::master().unwrap();
     let w = r.spawn(worker_command("late-hello")).unwrap();
@@ -356,8 +285,29 @@ fn a_message_whose_deadline_passed_before_the_hello_is_never_delivered() {
     r.shutdown(LIMIT).unwrap();
 }
 
+/// On `work`: sends three `note`s, replies, and exits.
+fn notes_then_exit_worker() {
+    let mut r = Reactor::attach().expect("attach");
+    let done = Rc::new(Cell::new(false));
+    let d = done.clone();
+    r.on("work", move |r, m: Message<()>| {
+        for i in 0..3u32 {
+            r.send_to_master("note", &i, None).send().unwrap();
+        }
+        let _ = m.reply.ok(&7u32);
+        d.set(true);
+    })
+    .unwrap();
+    while !done.get() {
+        r.poll(Some(Duration::from_millis(100))).expect("poll");
+    }
+    r.flush(LIMIT).expect("flush");
+    std::process::exit(0);
+}
+
 #[test]
 fn a_panic_while_a_dead_workers_frames_are_read_loses_none_of_them() {
+    util::child("notes-then-exit", notes_then_exit_worker);
     let _d = deadline(Duration::from_secs(20));
     let mut r = Reactor::master().unwrap();
     let notes = Rc::new(Cell::new(0u32));
@@ -369,7 +319,7 @@ fn a_panic_while_a_dead_workers_frames_are_read_loses_none_of_them() {
         }
     })
     .unwrap();
-    let exits = record_exits(&mut r);
+    let events = Events::record(&mut r);
     let w = r.spawn(worker_command("notes-then-exit")).unwrap();
     poll_until(&mut r, LIMIT, |r| r.is_ready(w));
     let reply = r.send_to(w, "work", &(), None).within(LIMIT).handle::<u32>().unwrap();
@@ -378,7 +328,7 @@ fn a_panic_while_a_dead_workers_frames_are_read_loses_none_of_them() {
     wait_for_exit_of(r.worker_pid(w).unwrap());
     let mut panics = 0;
     let end = Instant::now() + LIMIT;
-    while exits.borrow().is_empty() {
+    while events.exits().is_empty() {
         assert!(Instant::now() < end, "the exit was never reported");
         let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| r.poll(Some(Duration::from_millis(10)))));
         match turn {
@@ -389,10 +339,11 @@ fn a_panic_while_a_dead_workers_frames_are_read_loses_none_of_them() {
     assert_eq!(panics, 1);
     assert_eq!(notes.get(), 3, "every note the dead worker wrote was dispatched");
     assert_eq!(reply.take(), Some(Ok(7)), "its reply arrived, not an exit");
-    assert_eq!(exits.borrow()[0].1.status.and_then(|s| s.code()), Some(0));
+    assert_eq!(events.exits()[0].1.status.and_then(|s| s.code()), Some(0));
 }
 
 /// Waits until process `pid` (our child, which we do not reap here) is a zombie.
+#[track_caller]
 fn wait_for_exit_of(pid: u32) {
     let end = Instant::now() + LIMIT;
     loop {
@@ -409,8 +360,27 @@ fn wait_for_exit_of(pid: u32) {
 /// What a callback saw of a dead worker: (which callback, it looked alive, a send to it was accepted).
 type Sighting = (&'static str, bool, bool);
 
+/// Says hello, sends `bye`, and exits.
+fn bye_then_exit_worker() {
+    let mut r = Reactor::attach().expect("attach");
+    r.send_to_master("bye", &(), None).send().unwrap();
+    r.flush(LIMIT).expect("flush");
+    std::process::exit(0);
+}
+
+/// Keeps every `hold` responder, never answering.
+fn holding_worker() {
+    let mut r = Reactor::attach().expect("attach");
+    let held: Rc<RefCell<Vec<Responder>>> = Rc::default();
+    let h = held.clone();
+    r.on("hold", move |_r, m: Message<u32>| h.borrow_mut().push(m.reply)).unwrap();
+    serve(&mut r);
+}
+
 #[test]
 fn a_dead_worker_is_not_ready_and_refuses_sends_before_its_callbacks_run() {
+    util::child("bye-then-exit", bye_then_exit_worker);
+    util::child("hold", holding_worker);
     let _d = deadline(Duration::from_secs(20));
     let mut r = Reactor::master().unwrap();
     // What the callbacks saw of the dead worker: (is_ready, a send accepted).
@@ -458,6 +428,7 @@ fn a_dead_worker_is_not_ready_and_refuses_sends_before_its_callbacks_run() {
 
 #[test]
 fn shutdown_is_neither_prolonged_nor_undone_by_a_respawning_hook() {
+    util::child("echo", echo_worker);
     let _d = deadline(Duration::from_secs(30));
     let mut r = Reactor::master().unwrap();
     let log: Rc<RefCell<Vec<String>>> = Rc::default();
@@ -494,23 +465,17 @@ fn shutdown_is_neither_prolonged_nor_undone_by_a_respawning_hook() {
 
 #[test]
 fn a_worker_crash_is_reported_as_not_requested() {
+    util::child("echo", echo_worker);
     let _d = deadline(Duration::from_secs(20));
     let mut r = Reactor::master().unwrap();
-    let exits = record_exits(&mut r);
-    let w = r.spawn(worker_command("echo")).unwrap();
-    let _: u64 = r.request(w, "echo", &1u64, LIMIT).unwrap();
-    let pid = r.worker_pid(w).unwrap() as libc::pid_t;
-    // SAFETY: kill(2) on our own running child.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    let e = exits.clone();
-    poll_until(&mut r, LIMIT, move |_| !e.borrow().is_empty());
-    let exit = exits.borrow()[0].1;
+    let events = Events::record(&mut r);
+    crash_an_echo_worker(&mut r, &events);
+    let exit = events.exits()[0].1;
     assert!(exit.is_crash() && !exit.requested, "{exit:?}");
     let w = r.spawn(worker_command("echo")).unwrap();
     r.kill(w).unwrap();
-    let e = exits.clone();
-    poll_until(&mut r, LIMIT, move |_| e.borrow().len() == 2);
-    assert!(exits.borrow()[1].1.requested, "a kill by the master is a requested exit");
+    poll_until(&mut r, LIMIT, |_| events.exits().len() == 2);
+    assert!(events.exits()[1].1.requested, "a kill by the master is a requested exit");
 }
 
 // ----- soundness ---------------------------------------------------------------
@@ -520,16 +485,12 @@ const OWN_SOCKET_FD: i32 = 200;
 
 #[test]
 fn attach_refuses_a_socket_that_does_not_lead_to_the_parent() {
+    util::child("attach-own-socket", attach_pointed_at_own_socket);
     let _d = deadline(Duration::from_secs(30));
     // The child makes a socketpair of its own at fd 200, which the variable
     // names: attach must leave it alone (adopting it would close it twice).
-    let status = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "worker_entry", "--nocapture", "--test-threads", "1", "-q"])
-        .env(util::ROLE_VAR, "attach-own-socket")
-        .env(clusterphone::ENV_FD, OWN_SOCKET_FD.to_string())
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
+    let status =
+        worker_command("attach-own-socket").env(clusterphone::ENV_FD, OWN_SOCKET_FD.to_string()).status().unwrap();
     assert!(status.success(), "{status}");
 }
 

@@ -18,67 +18,17 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, ExitStatus};
 use std::rc::Rc;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use clusterphone::{Error, Message, Peer, Reactor, WorkerEvent, WorkerId};
+use clusterphone::{Error, Message, Peer, Reactor, WorkerId};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use util::{deadline, poll_until, role, serve, worker_command};
+use util::events::Ev;
+use util::{alone, deadline, poll_until, serve, worker_command, Reaped};
 
 /// Workers in the burst tests: more than one `poll` takes events at a time (256).
 const BURST_WORKERS: usize = 300;
-
-/// The burst tests start hundreds of processes: one at a time, please.
-static HEAVY: Mutex<()> = Mutex::new(());
-
-// ----- roles (run in re-executed children) ----------------------------------
-
-#[test]
-fn worker_entry() {
-    let Some(role) = role() else { return };
-    util::worker_watchdog();
-    match role.as_str() {
-        "nested-level" => nested_worker(Kind::Level),
-        "nested-edge" => nested_worker(Kind::Edge),
-        "burst" => burst_worker(),
-        other => panic!("unknown role {other}"),
-    }
-}
-
-/// A worker that never calls `poll` except from inside its own outer loop.
-/// It answers `ping` with the payload plus one.
-fn nested_worker(kind: Kind) {
-    let mut r = Reactor::attach().expect("attach");
-    r.on("ping", |_r, m: Message<u64>| {
-        let _ = m.reply.ok(&(m.payload + 1));
-    })
-    .expect("handler");
-    let mut outer = Outer::new(kind, &r);
-    loop {
-        // No cap on the wait: the reactor alone says when it has work. When
-        // the master goes, the channel's hangup makes the fd readable.
-        match nested_turn(&mut r, &mut outer, None) {
-            Ok(_) => {}
-            Err(Error::Disconnected) | Err(Error::ExitRequested) => break,
-            Err(e) => panic!("nested worker poll failed: {e}"),
-        }
-    }
-}
-
-/// A light worker: on `go`, tells the master `done` (with its serial), then
-/// idles until the master goes.
-fn burst_worker() {
-    let mut r = Reactor::attach().expect("attach");
-    let serial = r.worker_id().expect("worker id").serial();
-    r.on("go", move |r, _m: Message<()>| {
-        r.send_to_master("done", &serial, None).send().expect("done");
-    })
-    .expect("handler");
-    serve(&mut r);
-}
 
 // ----- the outer loops --------------------------------------------------------
 
@@ -156,6 +106,7 @@ fn nested_turn(r: &mut Reactor, outer: &mut Outer, cap: Option<Duration>) -> Res
 }
 
 /// Runs the nested loop until `done()` or `limit`; whether `done()` held.
+#[track_caller]
 fn drive_until(r: &mut Reactor, outer: &mut Outer, limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + limit;
     while !done() {
@@ -170,13 +121,34 @@ fn drive_until(r: &mut Reactor, outer: &mut Outer, limit: Duration, mut done: im
 
 // ----- D15: a nested worker says hello ----------------------------------------
 
+/// A worker that never calls `poll` except from inside its own outer loop.
+/// It answers `ping` with the payload plus one.
+fn nested_worker(kind: Kind) {
+    let mut r = Reactor::attach().expect("attach");
+    r.on("ping", |_r, m: Message<u64>| {
+        let _ = m.reply.ok(&(m.payload + 1));
+    })
+    .expect("handler");
+    let mut outer = Outer::new(kind, &r);
+    loop {
+        // No cap on the wait: the reactor alone says when it has work. When
+        // the master goes, the channel's hangup makes the fd readable.
+        match nested_turn(&mut r, &mut outer, None) {
+            Ok(_) => {}
+            Err(Error::Disconnected) | Err(Error::ExitRequested) => break,
+            Err(e) => panic!("nested worker poll failed: {e}"),
+        }
+    }
+}
+
 /// A master sends a request to a worker before it is ready; the worker runs
 /// only the nesting recipe, so it must say hello without ever being polled
 /// blindly, and the request must be answered.
-fn nested_worker_answers_a_request_queued_before_its_hello(kind: Kind, role: &str) {
+fn nested_worker_answers_a_request_queued_before_its_hello(kind: Kind) {
+    util::child("nested", || nested_worker(kind));
     let _d = deadline(Duration::from_secs(90));
     let mut r = Reactor::master().expect("master");
-    let w = r.spawn(worker_command(role)).expect("spawn");
+    let w = r.spawn(worker_command("nested")).expect("spawn");
     assert!(!r.is_ready(w), "not ready before its hello");
     let reply = r
         .send_to(w, "ping", &41u64, None)
@@ -196,49 +168,24 @@ fn nested_worker_answers_a_request_queued_before_its_hello(kind: Kind, role: &st
 
 #[test]
 fn a_worker_nested_in_a_level_triggered_loop_says_hello_and_answers() {
-    nested_worker_answers_a_request_queued_before_its_hello(Kind::Level, "nested-level");
+    nested_worker_answers_a_request_queued_before_its_hello(Kind::Level);
 }
 
 #[test]
 fn a_worker_nested_in_an_edge_triggered_loop_says_hello_and_answers() {
-    nested_worker_answers_a_request_queued_before_its_hello(Kind::Edge, "nested-edge");
-}
-
-/// A child that is killed (if still running) and reaped however the test ends.
-struct Reaped(Child);
-
-impl Reaped {
-    /// Its exit status, if it exits within `limit`.
-    fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let end = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.0.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            if Instant::now() >= end {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    nested_worker_answers_a_request_queued_before_its_hello(Kind::Edge);
 }
 
 /// The master (here: the test itself, holding the raw channel) goes away
 /// after the nested worker's hello: the worker's loop must learn of it and
 /// end, so the process exits by itself. Its fd is readable once, for the
 /// hangup; after that only `next_deadline()` can tell the loop to poll again.
-fn nested_worker_exits_by_itself_when_its_master_goes(kind: Kind, role: &str) {
+fn nested_worker_exits_by_itself_when_its_master_goes(kind: Kind) {
+    util::child("nested", || nested_worker(kind));
     let _d = deadline(Duration::from_secs(90));
     let (ours, theirs) = UnixStream::pair().expect("socketpair");
     let fd = theirs.as_raw_fd();
-    let mut cmd = worker_command(role);
+    let mut cmd = worker_command("nested");
     cmd.env(clusterphone::ENV_FD, fd.to_string());
     // SAFETY: only fcntl, which is async-signal-safe, runs between fork and exec.
     unsafe {
@@ -266,18 +213,31 @@ fn nested_worker_exits_by_itself_when_its_master_goes(kind: Kind, role: &str) {
 
 #[test]
 fn a_worker_nested_in_a_level_triggered_loop_exits_when_its_master_goes() {
-    nested_worker_exits_by_itself_when_its_master_goes(Kind::Level, "nested-level");
+    nested_worker_exits_by_itself_when_its_master_goes(Kind::Level);
 }
 
 #[test]
 fn a_worker_nested_in_an_edge_triggered_loop_exits_when_its_master_goes() {
-    nested_worker_exits_by_itself_when_its_master_goes(Kind::Edge, "nested-edge");
+    nested_worker_exits_by_itself_when_its_master_goes(Kind::Edge);
 }
 
 // ----- D16: more ready channels than one poll takes ---------------------------
 
+/// A light worker: on `go`, tells the master `done` (with its serial), then
+/// idles until the master goes.
+fn burst_worker() {
+    let mut r = Reactor::attach().expect("attach");
+    let serial = r.worker_id().expect("worker id").serial();
+    r.on("go", move |r, _m: Message<()>| {
+        r.send_to_master("done", &serial, None).send().expect("done");
+    })
+    .expect("handler");
+    serve(&mut r);
+}
+
 /// Raises the soft fd limit to the hard one if `want` fds might not fit:
 /// each worker costs the master a socket and a pidfd.
+#[track_caller]
 fn raise_fd_limit(want: u64) {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: a valid rlimit out-parameter.
@@ -294,19 +254,16 @@ fn raise_fd_limit(want: u64) {
 /// tells them all to go at once, and must receive every worker's `done`,
 /// though more channels are readable at once than one `poll` takes.
 fn every_message_of_a_burst_arrives(kind: Kind) {
-    let _serial = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    util::child("burst", burst_worker);
+    // Hundreds of processes: one burst test at a time.
+    let _alone = alone();
     let _d = deadline(Duration::from_secs(200));
     raise_fd_limit(BURST_WORKERS as u64 * 2 + 256);
     let mut r = Reactor::master().expect("master");
-    let ready: Rc<RefCell<HashSet<WorkerId>>> = Rc::default();
-    let lost: Rc<RefCell<Vec<String>>> = Rc::default();
-    let (rd, ls) = (ready.clone(), lost.clone());
-    r.on_worker_event(move |_r, id, e| match e {
-        WorkerEvent::Ready => {
-            rd.borrow_mut().insert(id);
-        }
-        other => ls.borrow_mut().push(format!("{id}: {other:?}")),
-    });
+    let events = util::events::Events::record(&mut r);
+    let ready = || events.workers_with(|e| matches!(e, Ev::Ready)).len();
+    let lost =
+        || -> Vec<(WorkerId, Ev)> { events.all().into_iter().filter(|(_, e)| !matches!(e, Ev::Ready)).collect() };
     let done: Rc<RefCell<HashSet<WorkerId>>> = Rc::default();
     let dn = done.clone();
     r.on("done", move |_r, m: Message<u32>| {
@@ -323,13 +280,8 @@ fn every_message_of_a_burst_arrives(kind: Kind) {
         ids.push(r.spawn(worker_command("burst")).expect("spawn"));
         nested_turn(&mut r, &mut outer, Some(Duration::ZERO)).expect("nested master poll");
     }
-    let all_ready = drive_until(&mut r, &mut outer, Duration::from_secs(90), || ready.borrow().len() == BURST_WORKERS);
-    assert!(
-        all_ready,
-        "{kind:?}: only {} of {BURST_WORKERS} workers became ready; lost: {:?}",
-        ready.borrow().len(),
-        lost.borrow()
-    );
+    let all_ready = drive_until(&mut r, &mut outer, Duration::from_secs(90), || ready() == BURST_WORKERS);
+    assert!(all_ready, "{kind:?}: only {} of {BURST_WORKERS} workers became ready; lost: {:?}", ready(), lost());
 
     // Everyone goes at once (one coalesced write per worker). Let them all
     // answer before the master looks, so that far more than 256 channels
@@ -346,9 +298,9 @@ fn every_message_of_a_burst_arrives(kind: Kind) {
         "{kind:?}: the nested master received {} of {BURST_WORKERS} messages, then its outer loop saw nothing \
          more; lost: {:?}",
         done.borrow().len(),
-        lost.borrow()
+        lost()
     );
-    assert!(lost.borrow().is_empty(), "no worker went away: {:?}", lost.borrow());
+    assert!(lost().is_empty(), "no worker went away: {:?}", lost());
     // Dropping the master closes every channel; the workers exit, the rest are killed, all are reaped.
 }
 

@@ -10,8 +10,8 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use clusterphone::{AckError, Message, Reactor};
-
-const LIMIT: Duration = Duration::from_secs(10);
+use util::events::Events;
+use util::LIMIT;
 
 #[test]
 fn a_paired_worker_on_a_thread_talks_both_ways_with_fds() {
@@ -57,16 +57,13 @@ fn a_paired_worker_on_a_thread_talks_both_ways_with_fds() {
     assert_eq!(&got, b"from the worker");
 
     // The worker ends with its reactor: the master sees it disconnect, once.
-    let events = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
-    let e = events.clone();
-    master.on_worker_event(move |_r, id, ev| e.borrow_mut().push((id, format!("{ev:?}"))));
+    let events = Events::record(&mut master);
     let pending = master.send_to(worker, "never-answered", &(), None).within(LIMIT).handle::<()>().unwrap();
     master.request_exit(worker, LIMIT).unwrap();
     util::poll_until(&mut master, LIMIT, |r| r.workers().is_empty());
     assert_eq!(thread.join().unwrap(), (Some(worker), Some(15)), "the worker knows its id, and got its answer");
-    let events = events.borrow();
-    assert_eq!(events.len(), 1, "{events:?}");
-    assert!(events[0].1.starts_with("Disconnected"), "{events:?}");
+    let events = events.all();
+    assert!(matches!(&events[..], [(_, e)] if e.is_disconnect()), "{events:?}");
     let outcome = pending.take().expect("the pending ack ended");
     assert!(matches!(outcome, Err(AckError::NoHandler) | Err(AckError::Disconnected)), "{outcome:?}");
     assert!(master.kill(worker).is_err(), "no process to kill");

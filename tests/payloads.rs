@@ -10,7 +10,7 @@ use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::time::Duration;
 
-use clusterphone::{AckError, Bytes, Config, Error, Message, Reactor, WorkerId};
+use clusterphone::{AckError, Bytes, Config, Error, Message, Reactor};
 
 const SECS: Duration = Duration::from_secs(10);
 
@@ -24,21 +24,8 @@ fn digest(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
-#[test]
-fn worker_entry() {
-    let Some(role) = util::role() else { return };
-    util::worker_watchdog();
-    match role.as_str() {
-        "bytes" => bytes_worker(),
-        "bytes-late" => {
-            // Stay "starting" long enough for a queued message to time out.
-            std::thread::sleep(Duration::from_millis(300));
-            bytes_worker();
-        }
-        other => panic!("unknown role {other}"),
-    }
-}
-
+/// The worker the tests here talk to: echoes owned buffers, digests them,
+/// sleeps, makes buffers of a size asked for, and sends some back.
 fn bytes_worker() {
     let mut r = Reactor::attach().unwrap();
     // Hands the received buffer straight back: no copy on the way out.
@@ -66,17 +53,12 @@ fn bytes_worker() {
     util::serve(&mut r);
 }
 
-fn spawn_ready(r: &mut Reactor, role: &str) -> WorkerId {
-    let w = r.spawn(util::worker_command(role)).unwrap();
-    util::poll_until(r, SECS, |r| r.is_ready(w));
-    w
-}
-
 #[test]
 fn owned_bytes_arrive_whole_at_every_size() {
+    util::child("bytes", bytes_worker);
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
-    let w = spawn_ready(&mut r, "bytes");
+    let w = util::spawn_ready(&mut r, "bytes");
     // Around the inline threshold (1 KiB) and the CBOR length-header steps.
     for (i, len) in
         [0usize, 1, 23, 24, 255, 256, 1023, 1024, 1025, 65535, 65536, 65537, 1 << 20, 3 << 20].into_iter().enumerate()
@@ -94,9 +76,10 @@ fn owned_bytes_arrive_whole_at_every_size() {
 
 #[test]
 fn owned_bytes_keep_order_with_encoded_messages_and_fds_when_the_socket_is_full() {
+    util::child("bytes", bytes_worker);
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
-    let w = spawn_ready(&mut r, "bytes");
+    let w = util::spawn_ready(&mut r, "bytes");
     let null = File::open("/dev/null").unwrap();
     let mut expected = Vec::new();
     // ~30 MB queued in one batch: written in many partial sendmsg calls that
@@ -129,8 +112,15 @@ fn owned_bytes_keep_order_with_encoded_messages_and_fds_when_the_socket_is_full(
     r.shutdown(SECS).unwrap();
 }
 
+/// Stays "starting" long enough for a queued message to time out.
+fn late_bytes_worker() {
+    std::thread::sleep(Duration::from_millis(300));
+    bytes_worker();
+}
+
 #[test]
 fn an_owned_payload_that_times_out_in_the_queue_is_dropped_and_uncounted() {
+    util::child("bytes-late", late_bytes_worker);
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
     let w = r.spawn(util::worker_command("bytes-late")).unwrap();
@@ -157,11 +147,12 @@ fn an_owned_payload_that_times_out_in_the_queue_is_dropped_and_uncounted() {
 
 #[test]
 fn an_owned_payload_over_the_frame_limit_is_refused() {
+    util::child("bytes", bytes_worker);
     let _d = util::deadline(SECS * 3);
     let mut config = Config::default();
     config.max_frame = 1 << 20;
     let mut r = Reactor::master_with(config).unwrap();
-    let w = spawn_ready(&mut r, "bytes");
+    let w = util::spawn_ready(&mut r, "bytes");
     let e = r.send_to(w, "digest", Bytes(vec![0; 1 << 20]), None).send().unwrap_err();
     assert!(matches!(e.error, Error::FrameTooLarge { .. }), "{:?}", e.error);
     assert_eq!(r.queue_depth(w).unwrap(), (0, 0));
@@ -174,9 +165,10 @@ fn an_owned_payload_over_the_frame_limit_is_refused() {
 
 #[test]
 fn a_gather_full_of_owned_tails_never_overruns_the_iovec() {
+    util::child("bytes", bytes_worker);
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
-    let w = spawn_ready(&mut r, "bytes");
+    let w = util::spawn_ready(&mut r, "bytes");
     let mut expected = Vec::new();
     // One frame of one slice, then owned frames of two slices each (head and
     // tail), all small: one gather fills 63 slices and must stop before the
@@ -195,9 +187,10 @@ fn a_gather_full_of_owned_tails_never_overruns_the_iovec() {
 
 #[test]
 fn an_owned_payload_that_times_out_half_written_is_finished_not_cut() {
+    util::child("bytes", bytes_worker);
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
-    let w = spawn_ready(&mut r, "bytes");
+    let w = util::spawn_ready(&mut r, "bytes");
     // The worker stops reading: the 8 MiB frame is written in part (the
     // socket holds far less) when its ack times out.
     r.send_to(w, "sleep", &1000u64, None).send().unwrap();
@@ -218,9 +211,10 @@ fn an_owned_payload_that_times_out_half_written_is_finished_not_cut() {
 
 #[test]
 fn an_owned_reply_over_the_frame_limit_becomes_an_error_ack() {
+    util::child("bytes", bytes_worker);
     let _d = util::deadline(SECS * 3);
     let mut r = Reactor::master().unwrap();
-    let w = spawn_ready(&mut r, "bytes");
+    let w = util::spawn_ready(&mut r, "bytes");
     // The worker's limit is the default 16 MiB, which the reply's header tips over.
     let max = Config::default().max_frame;
     let e = r.request::<Bytes, _>(w, "make", &max, SECS).unwrap_err();

@@ -8,93 +8,25 @@
 //!
 //! The heap-measuring test takes this file's lock exclusively; the others
 //! share it, so they run in parallel with each other but never beside it.
+//! Each worker's code stands just above the test that spawns it.
 
 mod util;
 
 use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::os::fd::OwnedFd;
+use std::os::unix::process::ExitStatusExt;
 use std::panic::{self, AssertUnwindSafe};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use clusterphone::{
-    AckError, Bytes, Config, DisconnectReason, Error, Message, ProtocolError, Reactor, WorkerEvent, WorkerId,
-};
-use util::events::echo_worker;
-use util::{deadline, role, serve, worker_command};
-
-// ----- heap counting (only meaningful for a test run alone) -------------------
-
-struct Counting;
-static HEAP: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
-
-// SAFETY: every call is forwarded unchanged to the system allocator; we only count.
-unsafe impl std::alloc::GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
-        HEAP.fetch_add(l.size() as isize, std::sync::atomic::Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { std::alloc::System.alloc(l) }
-    }
-    unsafe fn alloc_zeroed(&self, l: std::alloc::Layout) -> *mut u8 {
-        HEAP.fetch_add(l.size() as isize, std::sync::atomic::Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { std::alloc::System.alloc_zeroed(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
-        HEAP.fetch_sub(l.size() as isize, std::sync::atomic::Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { std::alloc::System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, n: usize) -> *mut u8 {
-        HEAP.fetch_add(n as isize - l.size() as isize, std::sync::atomic::Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { std::alloc::System.realloc(p, l, n) }
-    }
-}
+use clusterphone::{AckError, Bytes, Config, Error, Exit, Message, ProtocolError, Reactor, WorkerEvent, WorkerId};
+use util::alloc::heap;
+use util::events::{echo_worker, Ev, Events};
+use util::{alone, deadline, serve, shared, spawn_ready, worker_command, LIMIT};
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
-
-fn heap() -> isize {
-    HEAP.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-static HEAP_LOCK: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-/// Shared by the tests that do not measure the heap.
-fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
-    HEAP_LOCK.read().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Held alone by the test that measures the heap.
-fn alone() -> std::sync::RwLockWriteGuard<'static, ()> {
-    HEAP_LOCK.write().unwrap_or_else(|e| e.into_inner())
-}
-
-// ----- roles --------------------------------------------------------------------
-
-#[test]
-fn worker_entry() {
-    let Some(role) = role() else { return };
-    util::worker_watchdog();
-    match role.as_str() {
-        "echo" => echo_worker(),
-        "fd-burst" => fd_burst_worker(),
-        "bidi" => bidi_worker(),
-        "ns-churn" => ns_churn_worker(),
-        "hello-exit" => hello_then_exit_worker(),
-        "req-then-close" => raw_requests_then_close(),
-        "bidi-big" => bidi_big_worker(),
-        "long-names" => long_names_worker(),
-        "notes-exit" => notes_then_exit_worker(),
-        "is-worker-probe" => is_worker_probe(),
-        "sigterm-probe" => sigterm_probe(),
-        "sleep-then-drain" => raw_sleep_then_drain(),
-        "go-notes-exit" => go_notes_then_exit_worker(),
-        other => panic!("unknown role {other}"),
-    }
-}
+static ALLOC: util::alloc::Counting = util::alloc::Counting;
 
 /// On `go`, sends the master 16 messages of 64 KiB, each with an fd, in one
 /// handler (so coalesced: one `sendmsg` carries the 16 fds), then replies.
@@ -112,6 +44,59 @@ fn fd_burst_worker() {
     serve(&mut r);
 }
 
+/// the global cap on unclaimed received fds evicts innocent workers.
+/// Twelve well-behaved workers each send 16 fd messages of 64 KiB at once
+/// (default Config). Expected: all 192 messages arrive, nobody is
+/// disconnected. The README says ~440 workers fit under the defaults.
+#[test]
+fn fd_bursts_from_many_workers_under_the_total_cap_all_arrive() {
+    util::child("fd-burst", fd_burst_worker);
+    let _lock = shared();
+    let _d = deadline(Duration::from_secs(60));
+    let mut r = Reactor::master().expect("master");
+    let events = Events::record(&mut r);
+    let got = Rc::new(Cell::new(0usize));
+    let g = got.clone();
+    r.on("withfd", move |_r, m: Message<Bytes>| {
+        assert!(m.fd.is_some());
+        g.set(g.get() + 1);
+    })
+    .unwrap();
+    const N: usize = 12;
+    let ids: Vec<WorkerId> = (0..N).map(|_| r.spawn(worker_command("fd-burst")).expect("spawn")).collect();
+    util::poll_until(&mut r, Duration::from_secs(20), |r| ids.iter().all(|&id| r.is_ready(id)));
+    let outcomes: Rc<RefCell<Vec<Result<(), AckError>>>> = Rc::default();
+    r.batch(|r| {
+        for &id in &ids {
+            let o = outcomes.clone();
+            r.send_to(id, "go", &(), None)
+                .ackd(move |_r, res: Result<(), AckError>| o.borrow_mut().push(res))
+                .expect("go");
+        }
+    });
+    let end = Instant::now() + Duration::from_secs(20);
+    while outcomes.borrow().len() < N && Instant::now() < end {
+        r.poll(Some(Duration::from_millis(10))).expect("poll");
+    }
+    let evicted: Vec<(WorkerId, Ev)> = events
+        .all()
+        .into_iter()
+        .filter(|(_, e)| matches!(e, Ev::Protocol(ProtocolError::TooManyFdsInFlight)))
+        .collect();
+    let failed = outcomes.borrow().iter().filter(|o| o.is_err()).count();
+    eprintln!(
+        "fd bursts: {} of {} fd messages arrived, {} of {N} `go` acks failed, {} innocent workers evicted: {:?}",
+        got.get(),
+        N * 16,
+        failed,
+        evicted.len(),
+        evicted
+    );
+    r.shutdown(Duration::from_secs(2)).expect("shutdown");
+    assert!(evicted.is_empty(), "well-behaved workers were disconnected for TooManyFdsInFlight");
+    assert_eq!(got.get(), N * 16);
+}
+
 const BIDI_QUEUE: usize = 64 << 10;
 const BIDI_BODY: usize = 8 << 10;
 
@@ -125,15 +110,20 @@ fn bidi_config() -> Config {
 /// Sends acked `req`s of 8 KiB to the master as fast as its queue takes them,
 /// and answers the master's `req`s with 8 KiB: both sides serve requests.
 fn bidi_worker() {
-    let mut r = Reactor::attach_with(bidi_config()).expect("attach");
-    r.on("req", |_r, m: Message<Bytes>| {
-        let _ = m.reply.ok(Bytes(vec![1u8; BIDI_BODY]));
+    requests_both_ways(Reactor::attach_with(bidi_config()).expect("attach"), BIDI_BODY);
+}
+
+/// The worker's side of the requests both ways: answers `req`s with `body`
+/// bytes, and sends acked `req`s of `body` bytes as fast as its queue takes them.
+fn requests_both_ways(mut r: Reactor, body: usize) {
+    r.on("req", move |_r, m: Message<Bytes>| {
+        let _ = m.reply.ok(Bytes(vec![1u8; body]));
     })
     .unwrap();
     loop {
         loop {
             let sent =
-                r.send_to_master("req", Bytes(vec![2u8; BIDI_BODY]), None).ackd(|_r, _res: Result<Bytes, AckError>| {});
+                r.send_to_master("req", Bytes(vec![2u8; body]), None).ackd(|_r, _res: Result<Bytes, AckError>| {});
             match sent {
                 Ok(()) => {}
                 Err(e) if matches!(e.error, Error::QueueFull) => break,
@@ -146,6 +136,85 @@ fn bidi_worker() {
             Err(e) => panic!("bidi worker poll: {e}"),
         }
     }
+}
+
+/// The whole of a test of requests both ways, the master's side against
+/// `worker`: sends acked `req`s of `body` bytes as fast as its queue takes
+/// them for 4 s, answers the worker's with `body` bytes, and checks that
+/// replies never stop for more than 2 s.
+#[track_caller]
+fn requests_both_ways_keep_flowing(label: &str, config: Config, worker: fn(), body: usize) {
+    util::child("bidi", worker);
+    let _lock = shared();
+    let _d = deadline(Duration::from_secs(60));
+    let mut r = Reactor::master_with(config).expect("master");
+    r.on("req", move |_r, m: Message<Bytes>| {
+        let _ = m.reply.ok(Bytes(vec![3u8; body]));
+    })
+    .unwrap();
+    let w = spawn_ready(&mut r, "bidi");
+    let replies = Rc::new(Cell::new(0u64));
+    let start = Instant::now();
+    let mut last_progress = (Instant::now(), 0u64);
+    let mut stalled_for = Duration::ZERO;
+    while start.elapsed() < Duration::from_secs(4) {
+        loop {
+            let c = replies.clone();
+            let sent =
+                r.send_to(w, "req", Bytes(vec![4u8; body]), None).ackd(move |_r, res: Result<Bytes, AckError>| {
+                    if res.is_ok() {
+                        c.set(c.get() + 1)
+                    }
+                });
+            match sent {
+                Ok(()) => {}
+                Err(e) if matches!(e.error, Error::QueueFull) => break,
+                Err(e) => panic!("send: {e:?}"),
+            }
+        }
+        r.poll(Some(Duration::from_millis(5))).expect("poll");
+        if replies.get() != last_progress.1 {
+            last_progress = (Instant::now(), replies.get());
+        }
+        stalled_for = stalled_for.max(last_progress.0.elapsed());
+        if stalled_for > Duration::from_secs(2) {
+            break;
+        }
+    }
+    eprintln!(
+        "{label}: {} replies in {:?}; longest stall {:?}; read_pauses {}; pending acks {}; queue {:?}",
+        replies.get(),
+        start.elapsed(),
+        stalled_for,
+        r.stats().read_pauses,
+        r.pending_acks(),
+        r.queue_depth(w)
+    );
+    r.kill(w).ok();
+    drop(r);
+    assert!(stalled_for <= Duration::from_secs(2), "no reply for {stalled_for:?}: the link is deadlocked");
+}
+
+/// read backpressure on both ends of one link deadlocks it. Master
+/// and worker both send acked 8 KiB requests and answer each other's with
+/// 8 KiB, both with `max_queue_bytes` = 64 KiB. Expected: steady progress.
+#[test]
+fn requests_both_ways_under_small_queues_keep_flowing() {
+    requests_both_ways_keep_flowing("bidi", bidi_config(), bidi_worker, BIDI_BODY);
+}
+
+const BIG_BODY: usize = 1 << 20;
+
+/// As `bidi_worker`, with the default Config and 1 MiB bodies.
+fn bidi_big_worker() {
+    requests_both_ways(Reactor::attach().expect("attach"), BIG_BODY);
+}
+
+/// Same deadlock as `requests_both_ways_under_small_queues_keep_flowing`,
+/// with the default Config (64 MiB queues) and 1 MiB bodies.
+#[test]
+fn requests_both_ways_with_big_bodies_keep_flowing() {
+    requests_both_ways_keep_flowing("bidi default", Config::default(), bidi_big_worker, BIG_BODY);
 }
 
 /// Registers a handler in a fresh namespace, then removes it, 70 times: it
@@ -176,11 +245,81 @@ fn ns_churn_worker() {
     }
 }
 
+/// a worker that registers and removes namespaces over time is
+/// never disconnected for it: the master keeps every name it was told, and
+/// the worker counts them the same way, refusing the one past the cap itself.
+#[test]
+fn namespace_churn_is_refused_by_the_worker_not_punished_by_the_master() {
+    util::child("ns-churn", ns_churn_worker);
+    let _lock = shared();
+    let _d = deadline(Duration::from_secs(60));
+    let mut r = Reactor::master().expect("master");
+    let events = Events::record(&mut r);
+    let done = Rc::new(Cell::new(false));
+    let d = done.clone();
+    r.on("done", move |_r, m: Message<()>| {
+        d.set(true);
+        let _ = m.reply.ok(&());
+    })
+    .unwrap();
+    let w = r.spawn(worker_command("ns-churn")).expect("spawn");
+    let end = Instant::now() + Duration::from_secs(20);
+    while !done.get() && !events.exited(w) {
+        assert!(Instant::now() < end, "neither done nor exited: {events:?}");
+        r.poll(Some(Duration::from_millis(10))).expect("poll");
+    }
+    eprintln!("ns churn: done={} events={events:?}", done.get());
+    r.shutdown(Duration::from_secs(2)).expect("shutdown");
+    assert!(done.get(), "the worker was disconnected: {events:?}");
+}
+
+/// a panic out of `poll` inside `shutdown` (a hook that panics on
+/// `Exited`) leaves `shutting_down` set: every later `spawn` is refused.
+#[test]
+fn a_panic_inside_shutdown_does_not_leave_spawn_refused() {
+    util::child("echo", echo_worker);
+    let _lock = shared();
+    let _d = deadline(Duration::from_secs(60));
+    let mut r = Reactor::master().expect("master");
+    spawn_ready(&mut r, "echo");
+    r.on_worker_event(|_r, _id, e| {
+        if let WorkerEvent::Exited(_) = e {
+            panic!("hook panics on exit");
+        }
+    });
+    let caught = panic::catch_unwind(AssertUnwindSafe(|| r.shutdown(Duration::from_secs(1))));
+    eprintln!("shutdown panicked: {}", caught.is_err());
+    r.on_worker_event(|_r, _id, _e| {});
+    let again = r.spawn(worker_command("echo"));
+    eprintln!("spawn after a caught panic in shutdown: {again:?}");
+    if let Ok(id) = again {
+        let _ = r.kill(id);
+    }
+    drop(r);
+    assert!(again.is_ok(), "spawn refused after shutdown returned (by panic)");
+}
+
 /// Says hello, flushes it, and exits at once.
 fn hello_then_exit_worker() {
     let mut r = Reactor::attach().expect("attach");
     r.flush(Duration::from_secs(2)).expect("flush");
     std::process::exit(0);
+}
+
+/// A worker that said hello and died before the master read anything is
+/// never reported `Ready`: its exit was seen first.
+#[test]
+fn a_worker_seen_dead_is_never_reported_ready() {
+    util::child("hello-exit", hello_then_exit_worker);
+    let _lock = shared();
+    let _d = deadline(Duration::from_secs(30));
+    let mut r = Reactor::master().expect("master");
+    let events = Events::record(&mut r);
+    let w = r.spawn(worker_command("hello-exit")).expect("spawn");
+    std::thread::sleep(Duration::from_millis(500));
+    events.wait_exit(&mut r, w);
+    let events = events.of(w);
+    assert!(!events.iter().any(|e| matches!(e, Ev::Ready)), "{events:?}");
 }
 
 /// Raw: says hello, writes 40 acked `req`s and a final unacked `last` (all
@@ -203,31 +342,38 @@ fn raw_requests_then_close() {
     std::process::exit(0);
 }
 
-const BIG_BODY: usize = 1 << 20;
-
-/// As `bidi_worker`, with the default Config and 1 MiB bodies.
-fn bidi_big_worker() {
-    let mut r = Reactor::attach().expect("attach");
-    r.on("req", |_r, m: Message<Bytes>| {
-        let _ = m.reply.ok(Bytes(vec![1u8; BIG_BODY]));
+/// a paused link (our queue to it over the limit) that hangs up
+/// loses every frame it wrote before closing: `read_link` returns at once
+/// for a paused link, the write then fails with EPIPE, and `hangup` closes
+/// the connection with the frames unread. Before this change they were read.
+#[test]
+fn a_paused_worker_that_hangs_up_has_its_frames_read() {
+    util::child("req-then-close", raw_requests_then_close);
+    let _lock = shared();
+    let _d = deadline(Duration::from_secs(30));
+    let mut c = Config::default();
+    c.max_queue_bytes = 64 << 10;
+    let mut r = Reactor::master_with(c).expect("master");
+    let events = Events::record(&mut r);
+    let reqs = Rc::new(Cell::new(0u32));
+    let last = Rc::new(Cell::new(false));
+    let q = reqs.clone();
+    r.on("req", move |_r, m: Message<()>| {
+        q.set(q.get() + 1);
+        let _ = m.reply.ok(Bytes(vec![0u8; 32 << 10]));
     })
     .unwrap();
-    loop {
-        loop {
-            let sent =
-                r.send_to_master("req", Bytes(vec![2u8; BIG_BODY]), None).ackd(|_r, _res: Result<Bytes, AckError>| {});
-            match sent {
-                Ok(()) => {}
-                Err(e) if matches!(e.error, Error::QueueFull) => break,
-                Err(_) => return,
-            }
-        }
-        match r.poll(Some(Duration::from_millis(5))) {
-            Ok(()) => {}
-            Err(Error::Disconnected) | Err(Error::ExitRequested) => return,
-            Err(e) => panic!("bidi worker poll: {e}"),
-        }
-    }
+    let l = last.clone();
+    r.on("last", move |_r, _m: Message<()>| l.set(true)).unwrap();
+    let w = r.spawn(worker_command("req-then-close")).expect("spawn");
+    events.wait_exit(&mut r, w);
+    eprintln!(
+        "paused hang-up: {} of 40 requests and last={} dispatched; read_pauses {}; events {events:?}",
+        reqs.get(),
+        last.get(),
+        r.stats().read_pauses,
+    );
+    assert!(last.get() && reqs.get() == 40, "frames the worker wrote before closing were dropped unread");
 }
 
 /// Default Config: registers 8 namespaces of 200 bytes (well within
@@ -242,7 +388,41 @@ fn long_names_worker() {
     serve(&mut r);
 }
 
+/// `validate` accepts `max_frame` = 1 KiB with the default
+/// `max_namespaces` = 64, although a hello within those caps is up to ~16 KiB:
+/// a worker with 8 namespaces of 200 bytes is disconnected at its hello.
+#[test]
+fn a_small_max_frame_still_takes_a_hello_within_the_namespace_caps() {
+    util::child("long-names", long_names_worker);
+    let _lock = shared();
+    let _d = deadline(Duration::from_secs(30));
+    let mut c = Config::default();
+    c.max_frame = 1024;
+    c.max_queue_bytes = 64 << 10;
+    assert!(c.validate().is_ok());
+    let mut r = Reactor::master_with(c).expect("master");
+    let events = Events::record(&mut r);
+    let w = r.spawn(worker_command("long-names")).expect("spawn");
+    let end = Instant::now() + LIMIT;
+    while !r.is_ready(w) && !events.has(w, Ev::is_disconnect) {
+        assert!(Instant::now() < end, "{events:?}");
+        r.poll(Some(Duration::from_millis(10))).expect("poll");
+    }
+    eprintln!("small max_frame: events {events:?}");
+    let ready = r.is_ready(w);
+    r.shutdown(Duration::from_secs(1)).expect("shutdown");
+    assert!(ready, "a worker within max_namespaces was refused at hello");
+}
+
 const NOTES: u32 = 3000;
+
+/// Counts the `note`s the master receives.
+fn count_notes(r: &mut Reactor) -> Rc<Cell<u32>> {
+    let notes = Rc::new(Cell::new(0u32));
+    let n = notes.clone();
+    r.on("note", move |_r, _m: Message<u32>| n.set(n.get() + 1)).unwrap();
+    notes
+}
 
 /// Writes `NOTES` unacked `note`s (nothing else), flushes, exits at once.
 fn notes_then_exit_worker() {
@@ -254,6 +434,27 @@ fn notes_then_exit_worker() {
     });
     r.flush(Duration::from_secs(5)).expect("flush");
     std::process::exit(0);
+}
+
+/// a dead worker's frames beyond one poll's budget are lost as soon
+/// as any write to its (closed) channel fails: the master's own hello reply
+/// (or any reply) gets EPIPE, `handle_broken` -> `hangup` -> `finish_exit`
+/// ends the drain early. README: "what it wrote before it died is read and
+/// dispatched ... spread over turns within frames_per_poll".
+#[test]
+fn a_dead_workers_frames_past_one_budget_survive_a_failed_write() {
+    util::child("notes-exit", notes_then_exit_worker);
+    let _lock = shared();
+    let _d = deadline(Duration::from_secs(30));
+    let mut r = Reactor::master().expect("master");
+    let events = Events::record(&mut r);
+    let notes = count_notes(&mut r);
+    let w = r.spawn(worker_command("notes-exit")).expect("spawn");
+    // Do not read while it runs: it writes everything, then exits.
+    std::thread::sleep(Duration::from_millis(1500));
+    events.wait_exit(&mut r, w);
+    eprintln!("dead worker drain: {} of {NOTES} notes dispatched; events {events:?}", notes.get());
+    assert_eq!(notes.get(), NOTES, "frames written by a worker before it exited were dropped");
 }
 
 /// On `go` (unacked), writes `NOTES` notes, flushes, exits at once.
@@ -275,6 +476,33 @@ fn go_notes_then_exit_worker() {
     std::process::exit(0);
 }
 
+/// The control for the test above: the same dead worker, but nothing is written
+/// to it after it died (it was ready before): every note arrives.
+#[test]
+fn a_dead_workers_frames_all_arrive_when_nothing_is_written_to_it() {
+    util::child("go-notes-exit", go_notes_then_exit_worker);
+    let _lock = shared();
+    let _d = deadline(Duration::from_secs(30));
+    let mut r = Reactor::master().expect("master");
+    let events = Events::record(&mut r);
+    let notes = count_notes(&mut r);
+    let w = spawn_ready(&mut r, "go-notes-exit");
+    r.send_to(w, "go", &(), None).send().expect("go");
+    std::thread::sleep(Duration::from_millis(1500));
+    events.wait_exit(&mut r, w);
+    eprintln!("control drain: {} of {NOTES} notes dispatched; events {events:?}", notes.get());
+    assert_eq!(notes.get(), NOTES);
+}
+
+/// Spawns `cmd` as the worker of a master of its own, and waits for its exit.
+#[track_caller]
+fn exit_of_worker(cmd: std::process::Command) -> Exit {
+    let mut r = Reactor::master().expect("master");
+    let events = Events::record(&mut r);
+    let w = r.spawn(cmd).expect("spawn");
+    events.wait_exit(&mut r, w)
+}
+
 /// Exits 10 if the environment names a channel but `is_worker()` says no,
 /// 11 if `is_worker()` says yes, 12 if there is no channel in the environment.
 fn is_worker_probe() {
@@ -289,6 +517,32 @@ fn is_worker_probe() {
     });
 }
 
+/// a worker started through an intermediate process (a
+/// shell without exec, `timeout`, `time`, `sudo`...) now gets
+/// `is_worker() == false` with CLUSTERPHONE_FD set, so the one-executable
+/// pattern (`if is_worker() { worker } else { master }`) runs the *master*
+/// code in it, which spawns workers of its own through the same wrapper: a
+/// fork bomb. Before, `is_worker()` was true and `attach` failed clearly.
+#[test]
+fn a_worker_behind_a_wrapper_is_a_worker_told_why_it_cannot_attach() {
+    util::child("is-worker-probe", is_worker_probe);
+    let _lock = shared();
+    let _d = deadline(Duration::from_secs(30));
+    // The worker's own command, run by a shell that does not exec it.
+    let worker = worker_command("is-worker-probe");
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg("\"$0\" \"$@\"; exit $?")
+        .arg(worker.get_program())
+        .args(worker.get_args())
+        .env(util::ROLE_VAR, "is-worker-probe")
+        .stdout(std::process::Stdio::null());
+    let exit = exit_of_worker(cmd);
+    eprintln!("worker behind sh: {exit:?}");
+    // Exit code 10: is_worker() false with CLUSTERPHONE_FD set.
+    assert_ne!(exit.status.map(ExitStatusExt::into_raw), Some(2560), "is_worker() false with CLUSTERPHONE_FD set");
+}
+
 /// Exits 20 if SIGTERM is ignored here (as the master's `pre_exec` asked),
 /// 21 if it is not.
 fn sigterm_probe() {
@@ -299,6 +553,28 @@ fn sigterm_probe() {
     eprintln!("sigterm-probe: SigIgn {ign}, SIGTERM ignored: {ignored}");
     let _r = Reactor::attach().expect("attach");
     std::process::exit(if ignored { 20 } else { 21 });
+}
+
+/// The library's signal reset runs after a command's own `pre_exec`, as
+/// `spawn` documents: a `SIG_IGN` set there does not reach the worker.
+#[test]
+fn the_clean_signal_state_comes_after_a_commands_own_pre_exec() {
+    util::child("sigterm-probe", sigterm_probe);
+    let _lock = shared();
+    use std::os::unix::process::CommandExt;
+    let _d = deadline(Duration::from_secs(30));
+    let mut cmd = worker_command("sigterm-probe");
+    // SAFETY: signal() is async-signal-safe; the closure touches no shared memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGTERM, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let exit = exit_of_worker(cmd);
+    eprintln!("user pre_exec SIG_IGN(SIGTERM): {exit:?} (5120 = kept, 5376 = reset)");
+    // As documented on `spawn`: the reset runs last (exit code 21, not 20).
+    assert_eq!(exit.status.map(ExitStatusExt::into_raw), Some(5376), "SIGTERM was not reset to its default");
 }
 
 /// Raw: says hello, reads nothing for 3 s, then reads everything the master
@@ -318,439 +594,16 @@ fn raw_sleep_then_drain() {
     let _ = p.try_next();
 }
 
-// ----- probes -------------------------------------------------------------------
-
-fn record_events(r: &mut Reactor) -> Rc<RefCell<Vec<(WorkerId, String)>>> {
-    let log: Rc<RefCell<Vec<(WorkerId, String)>>> = Rc::default();
-    let l = log.clone();
-    r.on_worker_event(move |r, id, e| {
-        let s = match e {
-            WorkerEvent::Ready => format!("Ready(is_ready={})", r.is_ready(id)),
-            other => format!("{other:?}"),
-        };
-        l.borrow_mut().push((id, s));
-    });
-    log
-}
-
-/// the global cap on unclaimed received fds evicts innocent workers.
-/// Twelve well-behaved workers each send 16 fd messages of 64 KiB at once
-/// (default Config). Expected: all 192 messages arrive, nobody is
-/// disconnected. The README says ~440 workers fit under the defaults.
-#[test]
-fn fd_bursts_from_many_workers_under_the_total_cap_all_arrive() {
-    let _lock = shared();
-    let _d = deadline(Duration::from_secs(60));
-    let mut r = Reactor::master().expect("master");
-    let log = record_events(&mut r);
-    let got = Rc::new(Cell::new(0usize));
-    let g = got.clone();
-    r.on("withfd", move |_r, m: Message<Bytes>| {
-        assert!(m.fd.is_some());
-        g.set(g.get() + 1);
-    })
-    .unwrap();
-    const N: usize = 12;
-    let ids: Vec<WorkerId> = (0..N).map(|_| r.spawn(worker_command("fd-burst")).expect("spawn")).collect();
-    util::poll_until(&mut r, Duration::from_secs(20), |r| ids.iter().all(|&id| r.is_ready(id)));
-    let outcomes: Rc<RefCell<Vec<Result<(), AckError>>>> = Rc::default();
-    r.batch(|r| {
-        for &id in &ids {
-            let o = outcomes.clone();
-            r.send_to(id, "go", &(), None)
-                .ackd(move |_r, res: Result<(), AckError>| o.borrow_mut().push(res))
-                .expect("go");
-        }
-    });
-    let end = Instant::now() + Duration::from_secs(20);
-    while outcomes.borrow().len() < N && Instant::now() < end {
-        r.poll(Some(Duration::from_millis(10))).expect("poll");
-    }
-    let evicted: Vec<(WorkerId, String)> =
-        log.borrow().iter().filter(|(_, s)| s.contains("TooManyFdsInFlight")).cloned().collect();
-    let failed = outcomes.borrow().iter().filter(|o| o.is_err()).count();
-    eprintln!(
-        "fd bursts: {} of {} fd messages arrived, {} of {N} `go` acks failed, {} innocent workers evicted: {:?}",
-        got.get(),
-        N * 16,
-        failed,
-        evicted.len(),
-        evicted
-    );
-    r.shutdown(Duration::from_secs(2)).expect("shutdown");
-    assert!(evicted.is_empty(), "well-behaved workers were disconnected for TooManyFdsInFlight");
-    assert_eq!(got.get(), N * 16);
-}
-
-/// read backpressure on both ends of one link deadlocks it. Master
-/// and worker both send acked 8 KiB requests and answer each other's with
-/// 8 KiB, both with `max_queue_bytes` = 64 KiB. Expected: steady progress.
-#[test]
-fn requests_both_ways_under_small_queues_keep_flowing() {
-    let _lock = shared();
-    let _d = deadline(Duration::from_secs(60));
-    let mut r = Reactor::master_with(bidi_config()).expect("master");
-    r.on("req", |_r, m: Message<Bytes>| {
-        let _ = m.reply.ok(Bytes(vec![3u8; BIDI_BODY]));
-    })
-    .unwrap();
-    let w = r.spawn(worker_command("bidi")).expect("spawn");
-    util::poll_until(&mut r, Duration::from_secs(10), |r| r.is_ready(w));
-    let replies = Rc::new(Cell::new(0u64));
-    let start = Instant::now();
-    let mut last_progress = (Instant::now(), 0u64);
-    let mut stalled_for = Duration::ZERO;
-    while start.elapsed() < Duration::from_secs(4) {
-        loop {
-            let c = replies.clone();
-            let sent =
-                r.send_to(w, "req", Bytes(vec![4u8; BIDI_BODY]), None).ackd(move |_r, res: Result<Bytes, AckError>| {
-                    if res.is_ok() {
-                        c.set(c.get() + 1)
-                    }
-                });
-            match sent {
-                Ok(()) => {}
-                Err(e) if matches!(e.error, Error::QueueFull) => break,
-                Err(e) => panic!("send: {e:?}"),
-            }
-        }
-        r.poll(Some(Duration::from_millis(5))).expect("poll");
-        if replies.get() != last_progress.1 {
-            last_progress = (Instant::now(), replies.get());
-        }
-        stalled_for = stalled_for.max(last_progress.0.elapsed());
-        if stalled_for > Duration::from_secs(2) {
-            break;
-        }
-    }
-    let s = r.stats();
-    eprintln!(
-        "bidi: {} replies in {:?}; longest stall {:?}; read_pauses {}; pending acks {}; queue {:?}",
-        replies.get(),
-        start.elapsed(),
-        stalled_for,
-        s.read_pauses,
-        r.pending_acks(),
-        r.queue_depth(w)
-    );
-    r.kill(w).ok();
-    drop(r);
-    assert!(stalled_for <= Duration::from_secs(2), "no reply for {stalled_for:?}: the link is deadlocked");
-}
-
-/// a worker that registers and removes namespaces over time is
-/// never disconnected for it: the master keeps every name it was told, and
-/// the worker counts them the same way, refusing the one past the cap itself.
-#[test]
-fn namespace_churn_is_refused_by_the_worker_not_punished_by_the_master() {
-    let _lock = shared();
-    let _d = deadline(Duration::from_secs(60));
-    let mut r = Reactor::master().expect("master");
-    let log = record_events(&mut r);
-    let done = Rc::new(Cell::new(false));
-    let d = done.clone();
-    r.on("done", move |_r, m: Message<()>| {
-        d.set(true);
-        let _ = m.reply.ok(&());
-    })
-    .unwrap();
-    let w = r.spawn(worker_command("ns-churn")).expect("spawn");
-    let end = Instant::now() + Duration::from_secs(20);
-    while !done.get() && !log.borrow().iter().any(|(id, s)| *id == w && s.starts_with("Exited")) {
-        assert!(Instant::now() < end, "neither done nor exited: {:?}", log.borrow());
-        r.poll(Some(Duration::from_millis(10))).expect("poll");
-    }
-    eprintln!("ns churn: done={} events={:?}", done.get(), log.borrow());
-    r.shutdown(Duration::from_secs(2)).expect("shutdown");
-    assert!(done.get(), "the worker was disconnected: {:?}", log.borrow());
-}
-
-/// a panic out of `poll` inside `shutdown` (a hook that panics on
-/// `Exited`) leaves `shutting_down` set: every later `spawn` is refused.
-#[test]
-fn a_panic_inside_shutdown_does_not_leave_spawn_refused() {
-    let _lock = shared();
-    let _d = deadline(Duration::from_secs(60));
-    let mut r = Reactor::master().expect("master");
-    let w = r.spawn(worker_command("echo")).expect("spawn");
-    util::poll_until(&mut r, Duration::from_secs(10), |r| r.is_ready(w));
-    r.on_worker_event(|_r, _id, e| {
-        if let WorkerEvent::Exited(_) = e {
-            panic!("hook panics on exit");
-        }
-    });
-    let caught = panic::catch_unwind(AssertUnwindSafe(|| r.shutdown(Duration::from_secs(1))));
-    eprintln!("shutdown panicked: {}", caught.is_err());
-    r.on_worker_event(|_r, _id, _e| {});
-    let again = r.spawn(worker_command("echo"));
-    eprintln!("spawn after a caught panic in shutdown: {again:?}");
-    if let Ok(id) = again {
-        let _ = r.kill(id);
-    }
-    drop(r);
-    assert!(again.is_ok(), "spawn refused after shutdown returned (by panic)");
-}
-
-/// A worker that said hello and died before the master read anything is
-/// never reported `Ready`: its exit was seen first.
-#[test]
-fn a_worker_seen_dead_is_never_reported_ready() {
-    let _lock = shared();
-    let _d = deadline(Duration::from_secs(30));
-    let mut r = Reactor::master().expect("master");
-    let log = record_events(&mut r);
-    let w = r.spawn(worker_command("hello-exit")).expect("spawn");
-    std::thread::sleep(Duration::from_millis(500));
-    let end = Instant::now() + Duration::from_secs(10);
-    while !log.borrow().iter().any(|(id, s)| *id == w && s.starts_with("Exited")) {
-        assert!(Instant::now() < end);
-        r.poll(Some(Duration::from_millis(10))).expect("poll");
-    }
-    let events: Vec<String> = log.borrow().iter().filter(|(id, _)| *id == w).map(|(_, s)| s.clone()).collect();
-    assert!(!events.iter().any(|s| s.starts_with("Ready")), "{events:?}");
-}
-
-/// a paused link (our queue to it over the limit) that hangs up
-/// loses every frame it wrote before closing: `read_link` returns at once
-/// for a paused link, the write then fails with EPIPE, and `hangup` closes
-/// the connection with the frames unread. Before this change they were read.
-#[test]
-fn a_paused_worker_that_hangs_up_has_its_frames_read() {
-    let _lock = shared();
-    let _d = deadline(Duration::from_secs(30));
-    let mut c = Config::default();
-    c.max_queue_bytes = 64 << 10;
-    let mut r = Reactor::master_with(c).expect("master");
-    let log = record_events(&mut r);
-    let reqs = Rc::new(Cell::new(0u32));
-    let last = Rc::new(Cell::new(false));
-    let q = reqs.clone();
-    r.on("req", move |_r, m: Message<()>| {
-        q.set(q.get() + 1);
-        let _ = m.reply.ok(Bytes(vec![0u8; 32 << 10]));
-    })
-    .unwrap();
-    let l = last.clone();
-    r.on("last", move |_r, _m: Message<()>| l.set(true)).unwrap();
-    let w = r.spawn(worker_command("req-then-close")).expect("spawn");
-    let end = Instant::now() + Duration::from_secs(10);
-    while !log.borrow().iter().any(|(id, s)| *id == w && s.starts_with("Exited")) {
-        assert!(Instant::now() < end, "{:?}", log.borrow());
-        r.poll(Some(Duration::from_millis(10))).expect("poll");
-    }
-    eprintln!(
-        "paused hang-up: {} of 40 requests and last={} dispatched; read_pauses {}; events {:?}",
-        reqs.get(),
-        last.get(),
-        r.stats().read_pauses,
-        log.borrow()
-    );
-    assert!(last.get() && reqs.get() == 40, "frames the worker wrote before closing were dropped unread");
-}
-
-/// Same deadlock as `requests_both_ways_under_small_queues_keep_flowing`,
-/// with the default Config (64 MiB queues) and 1 MiB bodies.
-#[test]
-fn requests_both_ways_with_big_bodies_keep_flowing() {
-    let _lock = shared();
-    let _d = deadline(Duration::from_secs(60));
-    let mut r = Reactor::master().expect("master");
-    r.on("req", |_r, m: Message<Bytes>| {
-        let _ = m.reply.ok(Bytes(vec![3u8; BIG_BODY]));
-    })
-    .unwrap();
-    let w = r.spawn(worker_command("bidi-big")).expect("spawn");
-    util::poll_until(&mut r, Duration::from_secs(10), |r| r.is_ready(w));
-    let replies = Rc::new(Cell::new(0u64));
-    let timeouts = Rc::new(Cell::new(0u64));
-    let start = Instant::now();
-    let mut last_progress = (Instant::now(), 0u64);
-    let mut stalled_for = Duration::ZERO;
-    while start.elapsed() < Duration::from_secs(4) {
-        loop {
-            let (c, t) = (replies.clone(), timeouts.clone());
-            let sent =
-                r.send_to(w, "req", Bytes(vec![4u8; BIG_BODY]), None).ackd(move |_r, res: Result<Bytes, AckError>| {
-                    match res {
-                        Ok(_) => c.set(c.get() + 1),
-                        Err(AckError::Timeout) => t.set(t.get() + 1),
-                        Err(_) => {}
-                    }
-                });
-            match sent {
-                Ok(()) => {}
-                Err(e) if matches!(e.error, Error::QueueFull) => break,
-                Err(e) => panic!("send: {e:?}"),
-            }
-        }
-        r.poll(Some(Duration::from_millis(5))).expect("poll");
-        if replies.get() != last_progress.1 {
-            last_progress = (Instant::now(), replies.get());
-        }
-        stalled_for = stalled_for.max(last_progress.0.elapsed());
-        if stalled_for > Duration::from_secs(2) {
-            break;
-        }
-    }
-    eprintln!(
-        "bidi default: {} replies in {:?}; longest stall {:?}; read_pauses {}; pending acks {}; queue {:?}",
-        replies.get(),
-        start.elapsed(),
-        stalled_for,
-        r.stats().read_pauses,
-        r.pending_acks(),
-        r.queue_depth(w)
-    );
-    r.kill(w).ok();
-    drop(r);
-    assert!(stalled_for <= Duration::from_secs(2), "no reply for {stalled_for:?}: the link is deadlocked");
-}
-
-/// `validate` accepts `max_frame` = 1 KiB with the default
-/// `max_namespaces` = 64, although a hello within those caps is up to ~16 KiB:
-/// a worker with 8 namespaces of 200 bytes is disconnected at its hello.
-#[test]
-fn a_small_max_frame_still_takes_a_hello_within_the_namespace_caps() {
-    let _lock = shared();
-    let _d = deadline(Duration::from_secs(30));
-    let mut c = Config::default();
-    c.max_frame = 1024;
-    c.max_queue_bytes = 64 << 10;
-    assert!(c.validate().is_ok());
-    let mut r = Reactor::master_with(c).expect("master");
-    let log = record_events(&mut r);
-    let w = r.spawn(worker_command("long-names")).expect("spawn");
-    let end = Instant::now() + Duration::from_secs(10);
-    while !r.is_ready(w) && !log.borrow().iter().any(|(id, s)| *id == w && s.starts_with("Disconnected")) {
-        assert!(Instant::now() < end, "{:?}", log.borrow());
-        r.poll(Some(Duration::from_millis(10))).expect("poll");
-    }
-    eprintln!("small max_frame: events {:?}", log.borrow());
-    let ready = r.is_ready(w);
-    r.shutdown(Duration::from_secs(1)).expect("shutdown");
-    assert!(ready, "a worker within max_namespaces was refused at hello");
-}
-
-/// a dead worker's frames beyond one poll's budget are lost as soon
-/// as any write to its (closed) channel fails: the master's own hello reply
-/// (or any reply) gets EPIPE, `handle_broken` -> `hangup` -> `finish_exit`
-/// ends the drain early. README: "what it wrote before it died is read and
-/// dispatched ... spread over turns within frames_per_poll".
-#[test]
-fn a_dead_workers_frames_past_one_budget_survive_a_failed_write() {
-    let _lock = shared();
-    let _d = deadline(Duration::from_secs(30));
-    let mut r = Reactor::master().expect("master");
-    let log = record_events(&mut r);
-    let notes = Rc::new(Cell::new(0u32));
-    let n = notes.clone();
-    r.on("note", move |_r, _m: Message<u32>| n.set(n.get() + 1)).unwrap();
-    let w = r.spawn(worker_command("notes-exit")).expect("spawn");
-    // Do not read while it runs: it writes everything, then exits.
-    std::thread::sleep(Duration::from_millis(1500));
-    let end = Instant::now() + Duration::from_secs(10);
-    while !log.borrow().iter().any(|(id, s)| *id == w && s.starts_with("Exited")) {
-        assert!(Instant::now() < end, "{:?}", log.borrow());
-        r.poll(Some(Duration::from_millis(10))).expect("poll");
-    }
-    eprintln!("dead worker drain: {} of {NOTES} notes dispatched; events {:?}", notes.get(), log.borrow());
-    assert_eq!(notes.get(), NOTES, "frames written by a worker before it exited were dropped");
-}
-
-/// The control for the test above: the same dead worker, but nothing is written
-/// to it after it died (it was ready before): every note arrives.
-#[test]
-fn a_dead_workers_frames_all_arrive_when_nothing_is_written_to_it() {
-    let _lock = shared();
-    let _d = deadline(Duration::from_secs(30));
-    let mut r = Reactor::master().expect("master");
-    let log = record_events(&mut r);
-    let notes = Rc::new(Cell::new(0u32));
-    let n = notes.clone();
-    r.on("note", move |_r, _m: Message<u32>| n.set(n.get() + 1)).unwrap();
-    let w = r.spawn(worker_command("go-notes-exit")).expect("spawn");
-    util::poll_until(&mut r, Duration::from_secs(10), |r| r.is_ready(w));
-    r.send_to(w, "go", &(), None).send().expect("go");
-    std::thread::sleep(Duration::from_millis(1500));
-    let end = Instant::now() + Duration::from_secs(10);
-    while !log.borrow().iter().any(|(id, s)| *id == w && s.starts_with("Exited")) {
-        assert!(Instant::now() < end, "{:?}", log.borrow());
-        r.poll(Some(Duration::from_millis(10))).expect("poll");
-    }
-    eprintln!("control drain: {} of {NOTES} notes dispatched; events {:?}", notes.get(), log.borrow());
-    assert_eq!(notes.get(), NOTES);
-}
-
-/// a worker started through an intermediate process (a
-/// shell without exec, `timeout`, `time`, `sudo`...) now gets
-/// `is_worker() == false` with CLUSTERPHONE_FD set, so the one-executable
-/// pattern (`if is_worker() { worker } else { master }`) runs the *master*
-/// code in it, which spawns workers of its own through the same wrapper: a
-/// fork bomb. Before, `is_worker()` was true and `attach` failed clearly.
-#[test]
-fn a_worker_behind_a_wrapper_is_a_worker_told_why_it_cannot_attach() {
-    let _lock = shared();
-    let _d = deadline(Duration::from_secs(30));
-    let mut r = Reactor::master().expect("master");
-    let log = record_events(&mut r);
-    let exe = std::env::current_exe().unwrap();
-    let mut cmd = std::process::Command::new("sh");
-    cmd.arg("-c")
-        .arg("\"$0\" --exact worker_entry --nocapture --test-threads 1 -q; exit $?")
-        .arg(exe)
-        .env(util::ROLE_VAR, "is-worker-probe")
-        .stdout(std::process::Stdio::null());
-    let w = r.spawn(cmd).expect("spawn");
-    let end = Instant::now() + Duration::from_secs(10);
-    while !log.borrow().iter().any(|(id, s)| *id == w && s.starts_with("Exited")) {
-        assert!(Instant::now() < end, "{:?}", log.borrow());
-        r.poll(Some(Duration::from_millis(10))).expect("poll");
-    }
-    let code = log.borrow().iter().find(|(id, s)| *id == w && s.starts_with("Exited")).cloned();
-    eprintln!("worker behind sh: {code:?}");
-    assert!(!code.unwrap().1.contains("unix_wait_status(2560)"), "is_worker() false with CLUSTERPHONE_FD set");
-}
-
-/// The library's signal reset runs after a command's own `pre_exec`, as
-/// `spawn` documents: a `SIG_IGN` set there does not reach the worker.
-#[test]
-fn the_clean_signal_state_comes_after_a_commands_own_pre_exec() {
-    let _lock = shared();
-    use std::os::unix::process::CommandExt;
-    let _d = deadline(Duration::from_secs(30));
-    let mut r = Reactor::master().expect("master");
-    let log = record_events(&mut r);
-    let mut cmd = worker_command("sigterm-probe");
-    // SAFETY: signal() is async-signal-safe; the closure touches no shared memory.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::signal(libc::SIGTERM, libc::SIG_IGN);
-            Ok(())
-        });
-    }
-    let w = r.spawn(cmd).expect("spawn");
-    let end = Instant::now() + Duration::from_secs(10);
-    while !log.borrow().iter().any(|(id, s)| *id == w && s.starts_with("Exited")) {
-        assert!(Instant::now() < end, "{:?}", log.borrow());
-        r.poll(Some(Duration::from_millis(10))).expect("poll");
-    }
-    let code = log.borrow().iter().find(|(id, s)| *id == w && s.starts_with("Exited")).cloned();
-    eprintln!("user pre_exec SIG_IGN(SIGTERM): {code:?} (5120 = kept, 5376 = reset)");
-    // As documented on `spawn`: the reset runs last.
-    assert!(code.unwrap().1.contains("unix_wait_status(5376)"), "SIGTERM was not reset to its default");
-}
-
 /// The queue's entry array (72 B a slot, capacity doubling) is not kept
 /// once a burst to a slow reader has drained: an idle worker costs the
 /// master little again. It holds the file's lock alone.
 #[test]
 fn a_drained_queue_gives_its_memory_back() {
+    util::child("sleep-then-drain", raw_sleep_then_drain);
     let _lock = alone();
     let _d = deadline(Duration::from_secs(60));
     let mut r = Reactor::master().expect("master");
-    let w = r.spawn(worker_command("sleep-then-drain")).expect("spawn");
-    util::poll_until(&mut r, Duration::from_secs(10), |r| r.is_ready(w));
+    let w = spawn_ready(&mut r, "sleep-then-drain");
     for _ in 0..5 {
         r.poll(Some(Duration::from_millis(5))).unwrap();
     }
@@ -778,6 +631,3 @@ fn a_drained_queue_gives_its_memory_back() {
     drop(r);
     assert!(h2 - h0 < 4 << 20, "{} MiB kept by an empty queue", (h2 - h0) >> 20);
 }
-
-#[allow(dead_code)]
-fn unused(_: DisconnectReason, _: ProtocolError) {}

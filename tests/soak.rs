@@ -4,43 +4,19 @@
 
 mod util;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
 use clusterphone::{AckError, Bytes, Message, Peer, Reactor, WorkerId};
+use util::alloc::heap;
 
 /// Counts live heap bytes, so the master's heap can be compared before and after.
-struct Counting;
-
-static HEAP: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: every call is forwarded unchanged to the system allocator; we only count.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        HEAP.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        HEAP.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        HEAP.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: util::alloc::Counting = util::alloc::Counting;
 
 const WORKERS: usize = 16;
 const TO_WORKERS: usize = 100_000;
@@ -73,11 +49,9 @@ fn maybe_fd(rng: &mut Rng) -> Option<OwnedFd> {
     (rng.below(16) == 0).then(|| OwnedFd::from(File::open("/dev/null").unwrap()))
 }
 
-#[test]
-fn worker_entry() {
-    let Some(role) = util::role() else { return };
-    util::worker_watchdog();
-    assert_eq!(role, "soak");
+/// Answers each `m` (checking its order and content) after sending the master
+/// an acked `w` of its own; `report` tells what it sent and how that went.
+fn soak_worker() {
     let mut r = Reactor::attach().unwrap();
     let state = Rc::new(RefCell::new((0u64, 0u64, 0u64, 0u64))); // expected, sent, ok, failed
     let mut rng = Rng(std::process::id() as u64 | 1);
@@ -124,9 +98,10 @@ struct Live {
 
 #[test]
 fn soak_sixteen_workers_with_kills_and_fds() {
+    util::child("soak", soak_worker);
     let _d = util::deadline(Duration::from_secs(150));
     let fds_before = util::open_fds();
-    let heap_before = HEAP.load(Ordering::Relaxed);
+    let heap_before = heap();
     {
         let mut r = Reactor::master().unwrap();
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
@@ -156,7 +131,7 @@ fn soak_sixteen_workers_with_kills_and_fds() {
             let id = r.spawn(util::worker_command("soak")).unwrap();
             live.borrow_mut().insert(id, Live { next_seq: 0, outstanding: 0, from_worker_expected: 0 });
         };
-        let heap_start = HEAP.load(Ordering::Relaxed);
+        let heap_start = heap();
         for _ in 0..WORKERS {
             spawn(&mut r, &live);
         }
@@ -245,12 +220,12 @@ fn soak_sixteen_workers_with_kills_and_fds() {
         live.borrow_mut().shrink_to_fit();
         // The reactor is still alive: its heap is back near where it started
         // (slab and timer-wheel capacity may stay; buffers and links must go).
-        let heap_end = HEAP.load(Ordering::Relaxed);
+        let heap_end = heap();
         eprintln!("soak: live master heap at start {heap_start} B, at end {heap_end} B");
         assert!(heap_end - heap_start < 1 << 20, "live master heap grew by {} bytes", heap_end - heap_start);
     }
     assert_eq!(util::open_fds(), fds_before, "fd leak in the master");
-    let heap_after = HEAP.load(Ordering::Relaxed);
+    let heap_after = heap();
     let grown = heap_after - heap_before;
     eprintln!("soak: master heap before {heap_before} B, after {heap_after} B");
     assert!(grown < 256 * 1024, "master heap grew by {grown} bytes");
