@@ -273,6 +273,9 @@ impl Conn {
     /// Writes as much of the queue as the socket takes.
     pub(crate) fn flush(&mut self) -> io::Result<Flushed> {
         let sock = self.stream.as_raw_fd();
+        // Whatever an earlier write met, this one finds out afresh: a stale
+        // `blocked` would keep later sends from being written at all.
+        self.blocked = false;
         loop {
             self.drop_expired();
             self.pop_finished();

@@ -3,8 +3,9 @@
 //! read past a failed write, requests both ways under read backpressure, fd
 //! bursts under the total fd cap, namespace churn, a panic inside shutdown,
 //! a dead worker's hello, a paused link that hangs up, a small `max_frame`,
-//! a worker behind a wrapper, a command's own `pre_exec`, and the memory a
-//! drained queue keeps.
+//! a worker behind a wrapper, a command's own `pre_exec`, the memory a
+//! drained queue keeps; and one found by stress since: a send after a flush
+//! that emptied a queue which had met a full socket.
 //!
 //! The heap-measuring test takes this file's lock exclusively; the others
 //! share it, so they run in parallel with each other but never beside it.
@@ -630,4 +631,49 @@ fn a_drained_queue_gives_its_memory_back() {
     r.kill(w).ok();
     drop(r);
     assert!(h2 - h0 < 4 << 20, "{} MiB kept by an empty queue", (h2 - h0) >> 20);
+}
+
+/// Says hello, reads nothing for 300 ms, then reads every frame and answers
+/// the acked `last` (with how many `num`s came before it).
+fn late_reader_worker() {
+    use clusterphone::codec::{Kind, FLAG_ACK};
+    let mut p = util::raw::RawPeer::connect();
+    p.exchange_hellos();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut nums = 0u64;
+    while let Some(f) = p.next() {
+        match f.cmd.as_str() {
+            "num" => nums += 1,
+            "last" => {
+                assert_eq!(f.flags & FLAG_ACK, FLAG_ACK);
+                p.write(&util::raw::frame(util::raw::env(Kind::Reply, 0, 0, f.seq, "", ""), &nums));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Found by stress: once a write had met a full socket, a `flush` that
+/// emptied the queue without the writable edge left the connection marked
+/// blocked, so the next send was queued and never written (its ack timed
+/// out). Every send after a flush must go out.
+#[test]
+fn a_send_after_a_flush_that_emptied_a_blocked_queue_is_written() {
+    util::child("late-reader", late_reader_worker);
+    let _lock = shared();
+    let _d = deadline(Duration::from_secs(30));
+    let mut r = Reactor::master().expect("master");
+    let w = spawn_ready(&mut r, "late-reader");
+    // Until the socket is full (the worker is not reading yet), and a little more.
+    let mut sent = 0u64;
+    while r.queue_depth(w).is_some_and(|(frames, _)| frames < 8) {
+        r.send_to(w, "num", &Bytes(vec![1u8; 1024]), None).send().expect("num");
+        sent += 1;
+    }
+    // The worker empties the socket; the master's flush then writes the rest
+    // directly, and the writable edge is never looked at.
+    std::thread::sleep(Duration::from_millis(600));
+    r.flush(LIMIT).expect("flush");
+    let before: u64 = r.request(w, "last", &(), Duration::from_secs(3)).expect("the send after the flush went out");
+    assert_eq!(before, sent);
 }
