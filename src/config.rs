@@ -172,6 +172,29 @@ pub enum WritableWakeups {
     Always,
 }
 
+/// One connection's figures, from [`Reactor::worker_stats`](crate::Reactor::worker_stats)
+/// (or [`Reactor::master_stats`](crate::Reactor::master_stats) on a worker).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LinkStats {
+    /// Acked messages sent on it still waiting for their outcome.
+    pub pending_acks: usize,
+    /// Frames waiting in its write queue.
+    pub queued_frames: usize,
+    /// Bytes of those frames.
+    pub queued_bytes: usize,
+    /// Frames written to it.
+    pub frames_sent: u64,
+    /// Bytes written to it.
+    pub bytes_sent: u64,
+    /// Frames read from it.
+    pub frames_received: u64,
+    /// Bytes read from it.
+    pub bytes_received: u64,
+    /// Reading from it is paused: its queue is over `max_queue_bytes`.
+    pub read_paused: bool,
+}
+
 /// Counters kept by a reactor, for tests and monitoring.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]

@@ -11,6 +11,9 @@ mod conn;
 mod error;
 mod handlers;
 mod id;
+mod listeners;
+#[macro_use]
+mod logging;
 mod message;
 mod payload;
 mod raw;
@@ -22,10 +25,11 @@ mod timer;
 
 pub use ack::{AckHandle, Responder};
 pub use bytes::Bytes;
-pub use config::{Config, Stats, WritableWakeups, MAX_NAMESPACE_LEN, QUEUE_FRAME_OVERHEAD};
+pub use config::{Config, LinkStats, Stats, WritableWakeups, MAX_NAMESPACE_LEN, QUEUE_FRAME_OVERHEAD};
 pub use error::{AckError, Error, Exit, ProtocolError, SendError};
 pub use handlers::{DEFAULT_NAMESPACE, RESERVED_PREFIX};
 pub use id::{ParseWorkerIdError, Peer, WorkerId};
+pub use listeners::ListenerKey;
 pub use message::Message;
 pub use payload::Payload;
 pub use raw::RawPayload;

@@ -314,6 +314,7 @@ impl Reactor {
         link.child = Some(child);
         link.pidfd = pidfd;
         self.add_link(link)?;
+        cp_log!(Debug, "spawned worker {id}");
         Ok((id, pipes))
     }
 }

@@ -138,6 +138,36 @@ impl Reactor {
         self.unhandled_hook = Some(Box::new(hook));
     }
 
+    /// Adds a listener for worker events, beside the hook of
+    /// [`on_worker_event`](Reactor::on_worker_event) and any other listener:
+    /// a library and the application can each keep their own. Listeners run
+    /// after the hook, in the order they were added.
+    ///
+    /// ```no_run
+    /// # let mut reactor = clusterphone::Reactor::master()?;
+    /// let key = reactor.add_worker_listener(|_r, id, event| eprintln!("[metrics] {id}: {event:?}"));
+    /// // ... later
+    /// reactor.remove_listener(key);
+    /// # Ok::<(), clusterphone::Error>(())
+    /// ```
+    pub fn add_worker_listener(
+        &mut self,
+        listener: impl FnMut(&mut Reactor, WorkerId, &WorkerEvent) + 'static,
+    ) -> ListenerKey {
+        self.worker_listeners.add(Box::new(listener))
+    }
+
+    /// Adds a listener for unhandled messages, beside the hook of
+    /// [`on_unhandled`](Reactor::on_unhandled) and any other listener.
+    pub fn add_unhandled_listener(&mut self, listener: impl FnMut(&mut Reactor, &Unhandled) + 'static) -> ListenerKey {
+        self.unhandled_listeners.add(Box::new(listener))
+    }
+
+    /// Removes a listener (it may be the one running). Returns whether it was there.
+    pub fn remove_listener(&mut self, key: ListenerKey) -> bool {
+        self.worker_listeners.remove(key) || self.unhandled_listeners.remove(key)
+    }
+
     // ----- sending --------------------------------------------------------
 
     /// Starts a message to `worker` in the default namespace (master only).
@@ -360,6 +390,7 @@ impl Reactor {
         }
         if conn.queued_mem() + charge > max_bytes {
             conn.recycle(buf);
+            cp_log!(Debug, "queue to {id:?} full: send of {cmd:?} refused");
             return Err(SendError::new(Error::QueueFull, fd));
         }
         link.next_seq += 1;

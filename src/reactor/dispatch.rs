@@ -44,6 +44,7 @@ impl Reactor {
                         budget -= 1;
                         dispatched = true;
                         self.stats.frames_read += 1;
+                        self.links[key].frames_read += 1;
                         let hello = frame.kind == Kind::Hello;
                         if let Err(e) = self.dispatch(key, id, frame) {
                             failure = Some(e);
@@ -170,6 +171,7 @@ impl Reactor {
             if !link.paused {
                 link.paused = true;
                 self.stats.read_pauses += 1;
+                cp_log!(Info, "worker {}: queue over max_queue_bytes, reading paused until it drains", link.id);
             }
         }
     }
@@ -230,6 +232,14 @@ impl Reactor {
 
     pub(super) fn link_alive(&self, key: usize, id: WorkerId) -> bool {
         self.links.get(key).is_some_and(|l| l.id == id && l.conn.is_some())
+    }
+
+    /// How a log line names the peer of link `id`.
+    pub(super) fn peer_name(&self, id: WorkerId) -> String {
+        match self.role {
+            Role::Master => format!("worker {id}"),
+            Role::Worker => "master".to_owned(),
+        }
     }
 
     pub(super) fn peer_of(&self, id: WorkerId) -> Peer {
@@ -321,11 +331,20 @@ impl Reactor {
 
     pub(crate) fn note_unhandled(&mut self, from: Peer, ns: &str, cmd: &str, reason: AckError) {
         self.stats.unhandled += 1;
+        if self.unhandled_hook.is_none() && self.unhandled_listeners.is_empty() {
+            return;
+        }
+        let info = Unhandled { from, namespace: ns.to_owned(), command: cmd.to_owned(), reason };
         if let Some(mut hook) = self.unhandled_hook.take() {
-            let info = Unhandled { from, namespace: ns.to_owned(), command: cmd.to_owned(), reason };
             self.guarded(|r| hook(r, &info));
             if self.unhandled_hook.is_none() {
                 self.unhandled_hook = Some(hook);
+            }
+        }
+        for key in self.unhandled_listeners.keys() {
+            if let Some(mut listener) = self.unhandled_listeners.take(key) {
+                self.guarded(|r| listener(r, &info));
+                self.unhandled_listeners.restore(key, listener);
             }
         }
     }
@@ -374,6 +393,7 @@ impl Reactor {
                 conn.push_front(buf);
                 let id = link.id;
                 self.after_push(key);
+                cp_log!(Debug, "worker {id} ready");
                 self.worker_event(id, WorkerEvent::Ready);
                 Ok(())
             }
@@ -412,6 +432,12 @@ impl Reactor {
             self.guarded(|r| hook(r, id, &event));
             if self.worker_hook.is_none() {
                 self.worker_hook = Some(hook);
+            }
+        }
+        for key in self.worker_listeners.keys() {
+            if let Some(mut listener) = self.worker_listeners.take(key) {
+                self.guarded(|r| listener(r, id, &event));
+                self.worker_listeners.restore(key, listener);
             }
         }
     }

@@ -27,6 +27,9 @@ impl Reactor {
 
     pub(super) fn protocol_error(&mut self, key: usize, e: ProtocolError) {
         self.stats.protocol_errors += 1;
+        if let Some(link) = self.links.get(key) {
+            cp_log!(Warn, "{}: protocol error, closing the channel: {e}", self.peer_name(link.id));
+        }
         if self.role == Role::Worker && self.worker_error.is_none() {
             self.worker_error = Some(Error::Protocol(e.clone()));
         }
@@ -146,14 +149,21 @@ impl Reactor {
         }
         if self.role == Role::Worker {
             self.master_gone = true;
+            cp_log!(Info, "the channel to the master is closed");
         }
         for (_, ack) in pending {
             self.settle(ack, Err(outcome.clone()));
         }
         if self.role == Role::Master {
             match down {
-                Down::Exited(exit) => self.worker_event(id, WorkerEvent::Exited(exit)),
-                Down::Closed(reason) if was_connected => self.worker_event(id, WorkerEvent::Disconnected(reason)),
+                Down::Exited(exit) => {
+                    cp_log!(Info, "worker {id} exited ({exit})");
+                    self.worker_event(id, WorkerEvent::Exited(exit))
+                }
+                Down::Closed(reason) if was_connected => {
+                    cp_log!(Warn, "worker {id} disconnected: {reason:?}");
+                    self.worker_event(id, WorkerEvent::Disconnected(reason))
+                }
                 Down::Closed(_) => {}
             }
         }

@@ -101,6 +101,28 @@ impl Reactor {
         self.link(worker).and_then(|l| l.conn.as_ref()).map(|c| (c.queued_frames(), c.queued_bytes()))
     }
 
+    /// One worker's figures: pending acks, queue, frames and bytes each way.
+    ///
+    /// ```no_run
+    /// # let mut reactor = clusterphone::Reactor::master()?;
+    /// # let worker: clusterphone::WorkerId = todo!();
+    /// if let Some(s) = reactor.worker_stats(worker) {
+    ///     println!("{worker}: {} in flight, {} frames queued", s.pending_acks, s.queued_frames);
+    /// }
+    /// # Ok::<(), clusterphone::Error>(())
+    /// ```
+    pub fn worker_stats(&self, worker: WorkerId) -> Option<LinkStats> {
+        self.link(worker).map(link_stats)
+    }
+
+    /// The channel to the master's figures (worker side).
+    pub fn master_stats(&self) -> Option<LinkStats> {
+        if self.role != Role::Worker {
+            return None;
+        }
+        self.links.get(0).map(link_stats)
+    }
+
     /// Frames and bytes waiting in the write queue to the master (worker side).
     pub fn master_queue_depth(&self) -> Option<(usize, usize)> {
         if self.role != Role::Worker {
@@ -261,4 +283,18 @@ impl Drop for Reactor {
             }
         }
     }
+}
+
+fn link_stats(link: &Link) -> LinkStats {
+    let mut s =
+        LinkStats { pending_acks: link.pending.len(), frames_received: link.frames_read, ..LinkStats::default() };
+    if let Some(conn) = &link.conn {
+        s.queued_frames = conn.queued_frames();
+        s.queued_bytes = conn.queued_bytes();
+        s.frames_sent = conn.frames_written;
+        s.bytes_sent = conn.bytes_written;
+        s.bytes_received = conn.bytes_read;
+        s.read_paused = link.paused;
+    }
+    s
 }

@@ -20,12 +20,13 @@ use slab::Slab;
 
 use crate::ack::{fail_to_error, Outbox, Outcome, Responder};
 use crate::codec::{self, fail, Envelope, Frame, Kind, PROTOCOL_VERSION};
-use crate::config::{Config, Stats, WritableWakeups};
+use crate::config::{Config, LinkStats, Stats, WritableWakeups};
 use crate::config::{MAX_NAMESPACE_LEN, MAX_TIMEOUT};
 use crate::conn::{Conn, Flushed, Read};
 use crate::error::{AckError, Error, Exit, ProtocolError, SendError};
 use crate::handlers::{check_command, check_namespace, Handlers, Incoming, Lookup, DEFAULT_NAMESPACE};
 use crate::id::{Peer, WorkerId};
+use crate::listeners::{ListenerKey, ListenerKind, Listeners};
 use crate::message::Message;
 use crate::payload::Payload;
 use crate::sys;
@@ -182,6 +183,8 @@ pub(crate) struct Link {
     /// Received fds not yet claimed by a frame, as last counted, and since when.
     fds_held: usize,
     fds_held_since: Option<Instant>,
+    /// Frames dispatched from this link.
+    frames_read: u64,
 }
 
 impl Link {
@@ -206,6 +209,7 @@ impl Link {
             paused: false,
             fds_held: 0,
             fds_held_since: None,
+            frames_read: 0,
         }
     }
 
@@ -303,6 +307,8 @@ pub struct Reactor {
     outbox_scratch: Vec<(WorkerId, Vec<u8>, Vec<u8>)>,
     worker_hook: Option<WorkerHook>,
     unhandled_hook: Option<UnhandledHook>,
+    worker_listeners: Listeners<WorkerHook>,
+    unhandled_listeners: Listeners<UnhandledHook>,
     stats: Stats,
     depth: u32,
     backlog: Vec<usize>,
@@ -358,6 +364,8 @@ impl Reactor {
             outbox_scratch: Vec::new(),
             worker_hook: None,
             unhandled_hook: None,
+            worker_listeners: Listeners::new(ListenerKind::Worker),
+            unhandled_listeners: Listeners::new(ListenerKind::Unhandled),
             stats: Stats::default(),
             depth: 0,
             backlog: Vec::new(),
