@@ -231,6 +231,10 @@ pub enum AckError {
     Exited(Exit),
     /// The reply arrived but did not decode into the requested type.
     BadReply(String),
+    /// The message was never sent: its send was refused at the call (the
+    /// text says why). Only a broadcast reports this as an outcome; a
+    /// single send returns the refusal instead.
+    NotSent(String),
 }
 
 impl fmt::Display for AckError {
@@ -245,6 +249,7 @@ impl fmt::Display for AckError {
             AckError::Disconnected => f.write_str("channel closed before the acknowledgement"),
             AckError::Exited(e) => write!(f, "worker exited before acknowledging ({e})"),
             AckError::BadReply(e) => write!(f, "cannot decode reply: {e}"),
+            AckError::NotSent(e) => write!(f, "not sent: {e}"),
         }
     }
 }

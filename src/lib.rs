@@ -33,6 +33,6 @@ pub use listeners::ListenerKey;
 pub use message::Message;
 pub use payload::Payload;
 pub use raw::RawPayload;
-pub use reactor::{DisconnectReason, Ns, Outgoing, Reactor, Unhandled, WorkerEvent};
+pub use reactor::{Broadcast, DisconnectReason, Gathered, Ns, Outgoing, Reactor, Unhandled, WorkerEvent};
 pub use shm::{SharedMemory, SharedMemoryMut};
 pub use spawn::{is_worker, PairedWorker, WorkerPipes, ENV_FD, ENV_ID};

@@ -33,12 +33,14 @@ use crate::sys;
 use crate::timer::{after, TimerKey, Wheel};
 
 mod api;
+mod broadcast;
 mod dispatch;
 mod failure;
 mod master;
 mod ns;
 mod outgoing;
 
+pub use broadcast::{Broadcast, Gathered};
 pub(crate) use dispatch::hello_frame_limit;
 pub use ns::Ns;
 pub use outgoing::Outgoing;
