@@ -31,8 +31,13 @@ pub use handlers::{DEFAULT_NAMESPACE, RESERVED_PREFIX};
 pub use id::{ParseWorkerIdError, Peer, WorkerId};
 pub use listeners::ListenerKey;
 pub use message::Message;
+/// Interest in readability or writability, for [`Reactor::add_source`].
+pub use mio::Interest;
 pub use payload::Payload;
 pub use raw::RawPayload;
-pub use reactor::{Broadcast, DisconnectReason, Gathered, Ns, Outgoing, Reactor, Unhandled, WorkerEvent};
+pub use reactor::{
+    Broadcast, DisconnectReason, Gathered, Ns, Outgoing, Reactor, Readiness, SourceKey, Unhandled, UserTimerKey,
+    WorkerEvent,
+};
 pub use shm::{SharedMemory, SharedMemoryMut};
 pub use spawn::{is_worker, PairedWorker, WorkerPipes, ENV_FD, ENV_ID};

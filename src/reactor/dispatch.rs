@@ -485,6 +485,7 @@ impl Reactor {
                         self.timers.insert(after(REAP_INTERVAL), Timer::Reap(id));
                     }
                 }
+                Timer::User(slot, generation) => self.fire_user_timer(slot, generation),
                 Timer::WriteRetry(id) => {
                     if let Some(link) = self.link_of_mut(id) {
                         link.retry_timer = None;

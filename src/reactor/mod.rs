@@ -39,12 +39,14 @@ mod failure;
 mod master;
 mod ns;
 mod outgoing;
+mod user;
 
 pub use broadcast::{Broadcast, Gathered};
 pub(crate) use dispatch::hello_frame_limit;
 pub use ns::Ns;
 pub use outgoing::Outgoing;
 pub(crate) use outgoing::{Completion, SendOptions, Target};
+pub use user::{Readiness, SourceKey, UserTimerKey};
 
 /// A stored handler: decodes its payload type, then runs the user's closure.
 pub(crate) type Handler = Box<dyn FnMut(&mut Reactor, Incoming<'_>)>;
@@ -60,6 +62,8 @@ pub(crate) enum Source {
     Channel(usize),
     /// The pidfd of link `key`'s child: readable once it exits.
     Exit(usize),
+    /// A source the user registered, at `key` in `user.sources`.
+    User(usize),
     /// The timerfd that ends finite waits.
     Timer,
 }
@@ -69,8 +73,9 @@ impl Source {
 
     pub(crate) fn token(self) -> Token {
         Token(match self {
-            Source::Channel(key) => key << 1,
-            Source::Exit(key) => key << 1 | 1,
+            Source::Channel(key) => key << 2,
+            Source::Exit(key) => key << 2 | 1,
+            Source::User(key) => key << 2 | 2,
             Source::Timer => Self::TIMER,
         })
     }
@@ -78,8 +83,11 @@ impl Source {
     pub(crate) fn of(token: Token) -> Source {
         match token.0 {
             Self::TIMER => Source::Timer,
-            t if t & 1 == 0 => Source::Channel(t >> 1),
-            t => Source::Exit(t >> 1),
+            t => match t & 3 {
+                0 => Source::Channel(t >> 2),
+                1 => Source::Exit(t >> 2),
+                _ => Source::User(t >> 2),
+            },
         }
     }
 }
@@ -266,6 +274,8 @@ enum Timer {
     Kill(WorkerId),
     Reap(WorkerId),
     WriteRetry(WorkerId),
+    /// A user timer: its slot and generation.
+    User(usize, u64),
 }
 
 enum Down {
@@ -309,6 +319,7 @@ pub struct Reactor {
     outbox_scratch: Vec<(WorkerId, Vec<u8>, Vec<u8>)>,
     worker_hook: Option<WorkerHook>,
     unhandled_hook: Option<UnhandledHook>,
+    user: user::UserSources,
     worker_listeners: Listeners<WorkerHook>,
     unhandled_listeners: Listeners<UnhandledHook>,
     stats: Stats,
@@ -366,6 +377,7 @@ impl Reactor {
             outbox_scratch: Vec::new(),
             worker_hook: None,
             unhandled_hook: None,
+            user: user::UserSources::default(),
             worker_listeners: Listeners::new(ListenerKind::Worker),
             unhandled_listeners: Listeners::new(ListenerKind::Unhandled),
             stats: Stats::default(),
@@ -622,6 +634,10 @@ impl Reactor {
             }
         }
         for &(source, readable, writable, closed) in &events {
+            if let Source::User(key) = source {
+                self.user_event(key, Readiness { readable, writable, closed });
+                continue;
+            }
             let Source::Channel(key) = source else { continue };
             if writable {
                 if let Some(conn) = self.links.get_mut(key).and_then(|l| l.conn.as_mut()) {
