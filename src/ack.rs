@@ -112,6 +112,11 @@ impl Responder {
         Responder { inner: Some(ResponderInner { link, seq, outbox }) }
     }
 
+    /// The link and sequence number to answer, leaving this responder inert.
+    pub(crate) fn take_inner(&mut self) -> Option<(WorkerId, u64)> {
+        self.inner.take().map(|i| (i.link, i.seq))
+    }
+
     /// Whether the sender asked for an acknowledgement. If not, replying is a no-op.
     pub fn wanted(&self) -> bool {
         self.inner.is_some()

@@ -231,4 +231,8 @@ pub struct Stats {
     /// Times reading from a peer was paused because our queue to it was over
     /// [`Config::max_queue_bytes`] (it sends faster than it reads our replies).
     pub read_pauses: u64,
+    /// Sends queued by other threads ([`Remote`](crate::Remote)) that the
+    /// reactor refused when it ran them (worker gone, queue full); their fds
+    /// were closed.
+    pub remote_refused: u64,
 }

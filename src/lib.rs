@@ -36,8 +36,8 @@ pub use mio::Interest;
 pub use payload::Payload;
 pub use raw::RawPayload;
 pub use reactor::{
-    Broadcast, DisconnectReason, Gathered, Ns, Outgoing, Reactor, Readiness, SourceKey, Unhandled, UserTimerKey,
-    WorkerEvent,
+    Broadcast, DisconnectReason, Gathered, Ns, Outgoing, Reactor, Readiness, Remote, RemoteError, RemoteSendError,
+    SendResponder, SourceKey, Unhandled, UserTimerKey, WorkerEvent, REMOTE_QUEUE,
 };
 pub use shm::{SharedMemory, SharedMemoryMut};
 pub use spawn::{is_worker, PairedWorker, WorkerPipes, ENV_FD, ENV_ID};

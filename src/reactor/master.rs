@@ -250,6 +250,7 @@ impl Drop for Reactor {
     /// `hangup_grace` to exit by themselves, then kills and reaps the rest:
     /// no zombies. Frames still queued are discarded and their fds closed.
     fn drop(&mut self) {
+        self.close_remote();
         if self.role != Role::Master || self.links.is_empty() {
             return;
         }

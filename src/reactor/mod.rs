@@ -39,6 +39,7 @@ mod failure;
 mod master;
 mod ns;
 mod outgoing;
+mod remote;
 mod user;
 
 pub use broadcast::{Broadcast, Gathered};
@@ -46,6 +47,7 @@ pub(crate) use dispatch::hello_frame_limit;
 pub use ns::Ns;
 pub use outgoing::Outgoing;
 pub(crate) use outgoing::{Completion, SendOptions, Target};
+pub use remote::{Remote, RemoteError, RemoteSendError, SendResponder, REMOTE_QUEUE};
 pub use user::{Readiness, SourceKey, UserTimerKey};
 
 /// A stored handler: decodes its payload type, then runs the user's closure.
@@ -64,12 +66,15 @@ pub(crate) enum Source {
     Exit(usize),
     /// A source the user registered, at `key` in `user.sources`.
     User(usize),
+    /// The waker of the handle for other threads.
+    Waker,
     /// The timerfd that ends finite waits.
     Timer,
 }
 
 impl Source {
     const TIMER: usize = usize::MAX;
+    const WAKER: usize = usize::MAX - 1;
 
     pub(crate) fn token(self) -> Token {
         Token(match self {
@@ -77,12 +82,14 @@ impl Source {
             Source::Exit(key) => key << 2 | 1,
             Source::User(key) => key << 2 | 2,
             Source::Timer => Self::TIMER,
+            Source::Waker => Self::WAKER,
         })
     }
 
     pub(crate) fn of(token: Token) -> Source {
         match token.0 {
             Self::TIMER => Source::Timer,
+            Self::WAKER => Source::Waker,
             t => match t & 3 {
                 0 => Source::Channel(t >> 2),
                 1 => Source::Exit(t >> 2),
@@ -320,6 +327,8 @@ pub struct Reactor {
     worker_hook: Option<WorkerHook>,
     unhandled_hook: Option<UnhandledHook>,
     user: user::UserSources,
+    /// The queue of the handle for other threads, once one was made.
+    remote: Option<std::sync::Arc<remote::Shared>>,
     worker_listeners: Listeners<WorkerHook>,
     unhandled_listeners: Listeners<UnhandledHook>,
     stats: Stats,
@@ -378,6 +387,7 @@ impl Reactor {
             worker_hook: None,
             unhandled_hook: None,
             user: user::UserSources::default(),
+            remote: None,
             worker_listeners: Listeners::new(ListenerKind::Worker),
             unhandled_listeners: Listeners::new(ListenerKind::Unhandled),
             stats: Stats::default(),
@@ -636,6 +646,10 @@ impl Reactor {
         for &(source, readable, writable, closed) in &events {
             if let Source::User(key) = source {
                 self.user_event(key, Readiness { readable, writable, closed });
+                continue;
+            }
+            if source == Source::Waker {
+                self.run_remote();
                 continue;
             }
             let Source::Channel(key) = source else { continue };
