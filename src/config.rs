@@ -35,12 +35,12 @@ pub struct Config {
     /// disconnected ([`ProtocolError::TooManyFdsInFlight`](crate::ProtocolError::TooManyFdsInFlight)).
     pub max_received_fds: usize,
     /// Received fds that may wait for their frames on all connections
-    /// together (default 128). When a read could take the total past it,
-    /// connections that park fds (hold more than 2, more than a peer of this
-    /// library ever does, or any for over a second) are closed, the one
-    /// holding the most first, so they cannot fill the process's fd table.
-    /// Fds in transit on well-behaved connections (at most 2 each) never
-    /// close one.
+    /// together (default 128). Once it is reached, connections that park fds
+    /// (hold more than 2, more than a peer of this library ever does, or any
+    /// for over a second with no bytes arriving and reading not paused by
+    /// us) are closed, the one holding the most first, so they cannot fill the
+    /// process's fd table. Fds in transit on well-behaved connections (at
+    /// most 2 each) never close one.
     pub max_received_fds_total: usize,
     /// Namespaces a peer may announce (default 64); a namespace name is at
     /// most [`MAX_NAMESPACE_LEN`] bytes. A peer announcing more is

@@ -119,6 +119,13 @@ pub(crate) struct Conn {
     /// Heap held by the queue (see `OutFrame::charge`).
     queued_mem: usize,
     queued_fds: usize,
+    /// Queued frames whose fd went out ahead of their last byte. While there
+    /// is one, no other fd is sent: the peer then never holds more than two
+    /// fds ahead of their frames (one whose frame is still arriving, one
+    /// that a read brought), however a big frame is split across writes.
+    fds_in_transit: usize,
+    /// A write failed for good (the peer is gone): later frames are dropped.
+    write_failed: bool,
     /// A write hit EAGAIN; wait for the writable edge.
     pub(crate) blocked: bool,
     /// WRITABLE is part of the socket's registration.
@@ -146,6 +153,8 @@ impl Conn {
             queued_bytes: 0,
             queued_mem: 0,
             queued_fds: 0,
+            fds_in_transit: 0,
+            write_failed: false,
             blocked: false,
             write_interest: false,
             wakeups_wanted: false,
@@ -264,6 +273,20 @@ impl Conn {
         }
     }
 
+    /// Drops every queued frame (closing their fds): the peer can no longer
+    /// read them. Frames queued later are dropped the same way at their flush.
+    pub(crate) fn discard_queue(&mut self) {
+        // Queue sequences stay unique: a pending ack must never cancel a later frame.
+        self.front_qseq += self.queue.len() as u64;
+        self.queue.clear();
+        self.front_written = 0;
+        self.queued_bytes = 0;
+        self.queued_mem = 0;
+        self.queued_fds = 0;
+        self.fds_in_transit = 0;
+        self.write_failed = true;
+    }
+
     /// One best-effort write of `buf` outside the queue (a parting message
     /// on a connection about to close).
     pub(crate) fn write_alone(&mut self, buf: &[u8]) {
@@ -276,6 +299,10 @@ impl Conn {
         // Whatever an earlier write met, this one finds out afresh: a stale
         // `blocked` would keep later sends from being written at all.
         self.blocked = false;
+        if self.write_failed {
+            self.discard_queue();
+            return Ok(Flushed::All);
+        }
         loop {
             self.drop_expired();
             self.pop_finished();
@@ -306,7 +333,7 @@ impl Conn {
                         break;
                     }
                     if let Some(fd) = &f.fd {
-                        if fds.len() == FDS_PER_WRITE {
+                        if fds.len() == FDS_PER_WRITE || self.fds_in_transit > 0 {
                             break;
                         }
                         fds.push(fd.as_raw_fd());
@@ -332,6 +359,7 @@ impl Conn {
                         for f in self.queue.iter_mut().take(nframes) {
                             if f.fd.take().is_some() {
                                 f.fd_sent = true;
+                                self.fds_in_transit += 1;
                                 self.queued_fds -= 1;
                             }
                         }
@@ -373,6 +401,7 @@ impl Conn {
             }
             let Some(f) = self.queue.pop_front() else { return };
             self.queued_mem -= f.charge();
+            self.fds_in_transit -= usize::from(f.fd_sent);
             if !f.buf.is_empty() {
                 self.frames_written += 1;
             }

@@ -51,10 +51,16 @@ impl RawPayload {
         &self.0
     }
 
-    /// `bytes` as a `T`, if `T` is `RawPayload`: the exact received bytes,
-    /// where serde could only hand over a decoded value.
+    /// `bytes` as a `T`, if `T` is `RawPayload` and `bytes` are exactly one
+    /// well-formed CBOR item: the exact received bytes, where serde could
+    /// only hand over a decoded value. (Anything else falls back to serde,
+    /// which refuses it as a bad payload.)
     pub(crate) fn received_as<T: 'static>(bytes: &[u8]) -> Option<T> {
         if TypeId::of::<T>() != TypeId::of::<RawPayload>() {
+            return None;
+        }
+        let mut rest = bytes;
+        if ciborium::from_reader::<serde::de::IgnoredAny, _>(&mut rest).is_err() || !rest.is_empty() {
             return None;
         }
         let mut slot = Some(RawPayload(bytes.to_vec()));
@@ -87,6 +93,10 @@ mod tests {
         assert_eq!(raw.as_bytes(), &wire);
         assert_eq!(raw.decode::<Vec<u8>>().unwrap(), vec![1, 2]);
         assert!(RawPayload::received_as::<Vec<u8>>(&wire).is_none());
+        // Not CBOR, nothing at all, or one item and more: never taken as it is.
+        for bad in [&[0xff, 0x1c, 0x00][..], &[], &[0x01, 0x02]] {
+            assert!(RawPayload::received_as::<RawPayload>(bad).is_none(), "{bad:?}");
+        }
         // Inside another type: decoded and re-encoded, the same value.
         let outer = RawPayload::encode(&("x", vec![1u8, 2])).unwrap();
         let (name, inner): (String, RawPayload) = outer.decode().unwrap();

@@ -363,16 +363,28 @@ impl Mapping {
         if len == 0 {
             return Ok(Mapping { ptr: std::ptr::NonNull::dangling(), len });
         }
-        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
-        // SAFETY: a fresh shared mapping placed by the kernel (null hint), of an
-        // fd borrowed for the call; the result is checked before use.
-        let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED | libc::MAP_POPULATE, fd.as_raw_fd(), 0)
+        // The writer shares its pages with the memfd. A reader maps a sealed
+        // memfd privately: nothing can change its pages (F_SEAL_WRITE), a
+        // read-only private mapping never copies them, and kernels before 6.7
+        // refuse a shared mapping of a write-sealed memfd even read-only.
+        let (prot, share) = if writable {
+            (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED)
+        } else {
+            (libc::PROT_READ, libc::MAP_PRIVATE)
         };
+        // SAFETY: a fresh mapping placed by the kernel (null hint), of an fd
+        // borrowed for the call; the result is checked before use.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, share | libc::MAP_POPULATE, fd.as_raw_fd(), 0) };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
         let ptr = std::ptr::NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        if writable {
+            // A child forked meanwhile (any spawn, on any thread) must not
+            // inherit the writable mapping: it would keep `seal` from working.
+            // SAFETY: advice on exactly the region just mapped; no memory is touched.
+            unsafe { libc::madvise(ptr.as_ptr().cast(), len, libc::MADV_DONTFORK) };
+        }
         Ok(Mapping { ptr, len })
     }
 

@@ -677,3 +677,269 @@ fn a_send_after_a_flush_that_emptied_a_blocked_queue_is_written() {
     let before: u64 = r.request(w, "last", &(), Duration::from_secs(3)).expect("the send after the flush went out");
     assert_eq!(before, sent);
 }
+
+// ----- the second review (shared memory, pairs, one fd per write) ----------
+
+fn devnull() -> OwnedFd {
+    OwnedFd::from(File::open("/dev/null").unwrap())
+}
+
+/// On `go (big, n)`: one frame of `big` bytes with an fd, then `n` small
+/// frames each with an fd, queued together; a small send buffer, so the big
+/// frame takes many partial writes.
+fn fd_after_big_frame_worker() {
+    let fd: i32 = std::env::var(clusterphone::ENV_FD).unwrap().parse().unwrap();
+    let size: libc::c_int = 32768;
+    // SAFETY: setsockopt on our channel socket with a valid int.
+    let rc =
+        unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, (&size as *const libc::c_int).cast(), 4) };
+    assert_eq!(rc, 0);
+    let mut r = Reactor::attach().expect("attach");
+    r.on("go", |r, m: Message<(u64, u64)>| {
+        let (big, n) = m.payload;
+        r.send_to_master("big", Bytes::from(vec![7u8; big as usize]), Some(devnull())).send().unwrap();
+        for i in 0..n {
+            r.send_to_master("small", &i, Some(devnull())).send().unwrap();
+        }
+    })
+    .unwrap();
+    serve(&mut r);
+}
+
+/// Found by the second review: while a big frame went out in many partial
+/// writes, each write took the next frame's fd along, so a well-behaved
+/// worker made its master hold more fds than `max_received_fds` allows. An fd
+/// now waits until every fd ahead of it has its whole frame written: two at most.
+#[test]
+fn fds_behind_a_big_frame_wait_their_turn() {
+    util::child("fd-after-big", fd_after_big_frame_worker);
+    let _lock = shared();
+    let _d = deadline(Duration::from_secs(60));
+    for slow in [false, true] {
+        let mut config = Config::default();
+        config.max_received_fds = 2;
+        let mut r = Reactor::master_with(config).unwrap();
+        let events = Events::record(&mut r);
+        let got = Rc::new(Cell::new((0u64, 0u64)));
+        let (b, s) = (got.clone(), got.clone());
+        r.on("big", move |_r, m: Message<Bytes>| {
+            assert!(m.fd.is_some());
+            b.set((b.get().0 + 1, b.get().1));
+        })
+        .unwrap();
+        r.on("small", move |_r, m: Message<u64>| {
+            assert!(m.fd.is_some());
+            s.set((s.get().0, s.get().1 + 1));
+        })
+        .unwrap();
+        let w = spawn_ready(&mut r, "fd-after-big");
+        r.send_to(w, "go", &(1_100_000u64, 32u64), None).send().unwrap();
+        let end = Instant::now() + LIMIT;
+        while got.get() != (1, 32) && !events.has(w, |e| e.is_disconnect()) {
+            assert!(Instant::now() < end, "slow={slow}: {:?} {:?}", got.get(), events.of(w));
+            if slow {
+                // A master busy between polls: each read finds a full socket.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            r.poll(Some(Duration::from_millis(10))).unwrap();
+        }
+        assert_eq!(got.get(), (1, 32), "slow={slow}: {:?}", events.of(w));
+        r.shutdown(LIMIT).unwrap();
+    }
+}
+
+/// Sends a frame of 8 MiB with an fd on `go`, then is busy for 1.5 s.
+fn slow_big_fd_worker() {
+    let mut r = Reactor::attach().expect("attach");
+    let go = Rc::new(Cell::new(false));
+    let g = go.clone();
+    r.on("go", move |_r, _m: Message<()>| g.set(true)).unwrap();
+    while r.poll(Some(Duration::from_millis(50))).is_ok() {
+        if go.replace(false) {
+            r.send_to_master("big", Bytes::from(vec![1u8; 8 << 20]), Some(devnull())).send().unwrap();
+            std::thread::sleep(Duration::from_millis(1500)); // busy with other work
+        }
+    }
+}
+
+/// Sends one small frame with an fd on `go`.
+fn one_fd_worker() {
+    let mut r = Reactor::attach().expect("attach");
+    r.on("go", |r, _m: Message<()>| r.send_to_master("small", &1u8, Some(devnull())).send().unwrap()).unwrap();
+    serve(&mut r);
+}
+
+/// Found by the second review: a big frame whose fd was held over a second
+/// while its sender was busy counted as parked, and was closed to make room
+/// for another worker's single fd.
+#[test]
+fn a_slow_frame_in_transit_is_not_closed_as_a_parker() {
+    util::child("slow-big-fd", slow_big_fd_worker);
+    util::child("one-fd", one_fd_worker);
+    let _lock = shared();
+    let _d = deadline(Duration::from_secs(60));
+    let mut config = Config::default();
+    config.max_received_fds_total = config.max_received_fds;
+    let mut r = Reactor::master_with(config).unwrap();
+    let events = Events::record(&mut r);
+    let got: Rc<RefCell<Vec<&str>>> = Rc::default();
+    let (g1, g2) = (got.clone(), got.clone());
+    r.on("big", move |_r, m: Message<Bytes>| g1.borrow_mut().push(if m.fd.is_some() { "big" } else { "?" })).unwrap();
+    r.on("small", move |_r, m: Message<u8>| g2.borrow_mut().push(if m.fd.is_some() { "small" } else { "?" })).unwrap();
+    let a = spawn_ready(&mut r, "slow-big-fd");
+    let b = spawn_ready(&mut r, "one-fd");
+    r.send_to(a, "go", &(), None).send().unwrap();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(1150) {
+        r.poll(Some(Duration::from_millis(10))).unwrap();
+    }
+    r.send_to(b, "go", &(), None).send().unwrap();
+    util::poll_until(&mut r, LIMIT, |_| got.borrow().len() == 2);
+    let mut got = got.borrow().clone();
+    got.sort_unstable();
+    assert_eq!(got, ["big", "small"]);
+    assert!(!events.has(a, |e| e.is_disconnect()) && !events.has(b, |e| e.is_disconnect()));
+    r.shutdown(LIMIT).unwrap();
+}
+
+/// Sends two acked `fwd` whose payloads are not one CBOR item, then waits.
+fn not_cbor_sender() {
+    use clusterphone::codec::{Kind, FLAG_ACK};
+    use util::raw::{env, raw_frame, RawPeer};
+    let mut p = RawPeer::connect();
+    p.exchange_hellos();
+    p.write(&raw_frame(env(Kind::Message, FLAG_ACK, 0, 1, "_", "fwd"), &[0xff, 0x1c, 0x00]));
+    p.write(&raw_frame(env(Kind::Message, FLAG_ACK, 0, 2, "_", "fwd"), &[]));
+    let _ = p.until_eof();
+}
+
+/// Found by the second review: a `Message<RawPayload>` handler took bytes
+/// that are not CBOR, so a master could forward garbage. They are a bad
+/// payload now, answered as one, and never handed over.
+#[test]
+fn a_raw_payload_handler_never_gets_bytes_that_are_not_cbor() {
+    util::child("not-cbor", not_cbor_sender);
+    let _lock = shared();
+    let _d = deadline(Duration::from_secs(30));
+    let mut r = Reactor::master().unwrap();
+    let called = Rc::new(Cell::new(0));
+    let c = called.clone();
+    r.on("fwd", move |_r, _m: Message<clusterphone::RawPayload>| c.set(c.get() + 1)).unwrap();
+    let _w = spawn_ready(&mut r, "not-cbor");
+    util::poll_until(&mut r, LIMIT, |r| r.stats().unhandled == 2);
+    assert_eq!(called.get(), 0);
+    r.shutdown(LIMIT).unwrap();
+}
+
+/// Found by the second review: a fork (any spawn, on any thread) while a
+/// `SharedMemoryMut` was alive kept its writable mapping in the child, and
+/// `freeze` failed (EBUSY), losing the buffer.
+#[test]
+fn shared_memory_freezes_while_a_forked_child_lives() {
+    let _lock = shared();
+    let mut buf = clusterphone::SharedMemoryMut::new(4096).unwrap();
+    buf[0] = 1;
+    // SAFETY: the child only sleeps and exits (async-signal-safe calls).
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            libc::usleep(300_000);
+            libc::_exit(0);
+        }
+    }
+    let frozen = buf.freeze();
+    let mut status = 0;
+    // SAFETY: reaping our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(frozen.unwrap()[0], 1);
+}
+
+/// Found by the second review: a paired worker (no process) could not be
+/// killed, and a shutdown waited its full deadline for one that ignored the
+/// exit request.
+#[test]
+fn a_paired_worker_is_cut_off_by_kill_and_by_shutdown() {
+    let _lock = shared();
+    let _d = deadline(Duration::from_secs(30));
+    for by_kill in [true, false] {
+        let (mut master, w, end) = Reactor::pair().unwrap();
+        let events = Events::record(&mut master);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut r = end.attach().unwrap();
+            r.on("slow", |_r, m: Message<()>| std::mem::forget(m.reply)).unwrap();
+            // Ignores the exit request: only the end of its channel stops it.
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                match r.poll(Some(Duration::from_millis(20))) {
+                    Ok(()) | Err(Error::ExitRequested) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        util::poll_until(&mut master, LIMIT, |r| r.is_ready(w));
+        let outcomes: Rc<RefCell<Vec<Result<(), AckError>>>> = Rc::default();
+        let o = outcomes.clone();
+        master.send_to(w, "slow", &(), None).within(LIMIT).ackd(move |_r, res| o.borrow_mut().push(res)).unwrap();
+        let start = Instant::now();
+        if by_kill {
+            master.kill(w).unwrap();
+            util::poll_until(&mut master, LIMIT, |r| r.workers().is_empty());
+        } else {
+            master.shutdown(Duration::from_millis(200)).unwrap();
+        }
+        assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+        assert!(master.workers().is_empty());
+        assert_eq!(*outcomes.borrow(), [Err(AckError::Disconnected)]);
+        assert_eq!(events.of(w).iter().filter(|e| e.is_disconnect()).count(), 1, "{:?}", events.of(w));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        thread.join().unwrap();
+    }
+}
+
+/// Found by the second review: a worker whose write to its gone master
+/// failed while more than one turn's budget of the master's frames was still
+/// unread lost the rest. All are dispatched before `poll` says Disconnected.
+#[test]
+fn a_worker_reads_everything_its_master_sent_before_it_left() {
+    let _lock = shared();
+    let _d = deadline(Duration::from_secs(30));
+    const N: u64 = 3000;
+    let (mut master, w, end) = Reactor::pair().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let (gone_tx, gone_rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let mut r = end.attach().unwrap();
+        let count = Rc::new(Cell::new(0u64));
+        let c = count.clone();
+        r.on("m", move |r, _m: Message<u64>| {
+            c.set(c.get() + 1);
+            // It answers each message with one of its own: writes that fail.
+            let _ = r.send_to_master("r", &(), None).send();
+        })
+        .unwrap();
+        r.poll(Some(Duration::ZERO)).unwrap();
+        ready_tx.send(()).unwrap();
+        gone_rx.recv().unwrap();
+        let end = loop {
+            if let Err(e) = r.poll(Some(Duration::from_millis(50))) {
+                break e;
+            }
+        };
+        (count.get(), end)
+    });
+    ready_rx.recv().unwrap();
+    util::poll_until(&mut master, LIMIT, |r| r.is_ready(w));
+    master.batch(|m| {
+        for i in 0..N {
+            m.send_to(w, "m", &i, None).send().unwrap();
+        }
+    });
+    master.flush(LIMIT).unwrap();
+    drop(master);
+    gone_tx.send(()).unwrap();
+    let (count, end) = thread.join().unwrap();
+    assert_eq!(count, N);
+    assert!(matches!(end, Error::Disconnected), "{end}");
+}

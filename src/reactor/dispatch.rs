@@ -111,6 +111,10 @@ impl Reactor {
             let got = (conn.bytes_read - bytes_before) as usize;
             self.stats.bytes_read += got as u64;
             link.drain_left = link.drain_left.saturating_sub(got);
+            if got > 0 && link.fds_held > 0 {
+                // Progress on a frame whose fd is held: it is in transit, not parked.
+                link.last_read = Some(Instant::now());
+            }
             self.sync_fds(key);
             match r {
                 Ok(Read::Data { drained }) => {
@@ -206,18 +210,27 @@ impl Reactor {
     /// among equals (maybe `key` itself). Fds in transit on well-behaved
     /// links are never a reason to close one.
     fn fd_room(&mut self, key: usize) -> usize {
-        let want = self.config.max_received_fds.saturating_sub(self.links[key].fds_held);
-        if self.fds_held + want <= self.config.max_received_fds_total {
-            return want;
+        let own = self.config.max_received_fds.saturating_sub(self.links[key].fds_held);
+        let total = self.config.max_received_fds_total;
+        if self.fds_held < total {
+            // A peer of this library brings at most one fd per read: the
+            // rest of the room is for peers that break the rule, who are
+            // disconnected when they bring more than there is.
+            return own.min(total - self.fds_held);
         }
-        let parked_since = Instant::now().checked_sub(FD_PARK_GRACE);
-        while self.fds_held + want > self.config.max_received_fds_total {
+        // Full: make room by closing parkers, never a link whose fds are in
+        // transit (two at most, with bytes still arriving or paused by us).
+        let parked_before = Instant::now().checked_sub(FD_PARK_GRACE);
+        while self.fds_held >= total {
             let parker = self
                 .links
                 .iter()
                 .filter(|(_, l)| {
+                    let idle_since = l.fds_held_since.max(l.last_read);
                     l.fds_held > LEGIT_FDS_HELD
-                        || (l.fds_held > 0 && l.fds_held_since.zip(parked_since).is_some_and(|(a, b)| a <= b))
+                        || (l.fds_held > 0
+                            && !l.paused
+                            && idle_since.zip(parked_before).is_some_and(|(since, before)| since <= before))
                 })
                 .max_by_key(|(_, l)| (l.fds_held, std::cmp::Reverse(l.fds_held_since)))
                 .map(|(k, _)| k);
@@ -227,7 +240,8 @@ impl Reactor {
                 return 0;
             }
         }
-        want
+        // Only fds in transit left: one more, as a well-behaved read needs.
+        own.min(total.saturating_sub(self.fds_held).max(1))
     }
 
     pub(super) fn link_alive(&self, key: usize, id: WorkerId) -> bool {
@@ -477,7 +491,11 @@ impl Reactor {
                 Timer::Kill(id) => {
                     if let Some(link) = self.link_of_mut(id) {
                         link.kill_timer = None;
-                        let _ = link.kill_child();
+                        if link.child.is_none() {
+                            self.cut_off(id);
+                        } else {
+                            let _ = link.kill_child();
+                        }
                     }
                 }
                 Timer::Reap(id) => {

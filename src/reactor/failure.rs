@@ -10,10 +10,23 @@ impl Reactor {
     /// before is read first, past any pause; an exited worker is not written
     /// to, and is finished by its reads alone.
     pub(super) fn handle_broken(&mut self) {
+        let mut later: Vec<(WorkerId, io::Error)> = Vec::new();
         while let Some((id, e)) = self.broken.pop() {
+            if later.iter().any(|(l, _)| *l == id) {
+                continue;
+            }
             if self.link_of(id).is_some_and(|l| l.conn.is_some() && l.exit.is_none()) {
                 self.read_link(id.index(), false, true);
                 if !self.link_of(id).is_some_and(|l| l.conn.is_some() && l.exit.is_none()) {
+                    continue;
+                }
+                if self.backlog.contains(&id.index()) {
+                    // More than one turn's budget is still buffered: read it
+                    // first (its end, EOF, then closes the link); no more writes.
+                    if let Some(conn) = self.links[id.index()].conn.as_mut() {
+                        conn.discard_queue();
+                    }
+                    later.push((id, e));
                     continue;
                 }
                 let reason = match e.kind() {
@@ -23,6 +36,7 @@ impl Reactor {
                 self.hangup(id.index(), reason);
             }
         }
+        self.broken = later;
     }
 
     pub(super) fn protocol_error(&mut self, key: usize, e: ProtocolError) {

@@ -140,12 +140,28 @@ impl Reactor {
     /// # Errors
     /// [`Error::UnknownWorker`] for an id that is not a live worker with a process,
     /// [`Error::Io`] if the signal cannot be sent.
+    ///
+    /// A worker with no process (from [`Reactor::pair`]) is cut off instead:
+    /// its channel closes and it is reported `Disconnected` by a later `poll`.
     pub fn kill(&mut self, worker: WorkerId) -> Result<(), Error> {
-        let link = self.link_of_mut(worker).filter(|l| l.child.is_some());
+        let link = self.link_of_mut(worker).filter(|l| l.conn.is_some() || l.child.is_some());
         let link = link.ok_or(Error::UnknownWorker(worker))?;
         link.exit_requested = true;
+        if link.child.is_none() {
+            self.cut_off(worker);
+            return Ok(());
+        }
         link.kill_child()?;
         Ok(())
+    }
+
+    /// Closes the channel of a worker that has no process, as a kill would end one.
+    pub(super) fn cut_off(&mut self, worker: WorkerId) {
+        if let Some(link) = self.link_of_mut(worker) {
+            if let Some(conn) = link.conn.as_mut() {
+                let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
     }
 
     /// Asks `worker` to exit (its `poll` returns [`Error::ExitRequested`]),

@@ -202,6 +202,8 @@ pub(crate) struct Link {
     fds_held_since: Option<Instant>,
     /// Frames dispatched from this link.
     frames_read: u64,
+    /// When bytes last came while unclaimed fds were held.
+    last_read: Option<Instant>,
 }
 
 impl Link {
@@ -227,6 +229,7 @@ impl Link {
             fds_held: 0,
             fds_held_since: None,
             frames_read: 0,
+            last_read: None,
         }
     }
 
