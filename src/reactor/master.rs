@@ -71,10 +71,12 @@ impl Reactor {
         self.link_of(id).filter(|_| self.role == Role::Master)
     }
 
-    /// Whether `worker` has said hello (messages to it are written, not held)
-    /// and is still connected and running.
+    /// Whether `worker` takes new work: it has said hello (messages to it
+    /// are written, not held), is connected and running, and has not been
+    /// asked to exit ([`request_exit`](Reactor::request_exit), [`kill`](Reactor::kill)).
+    /// A worker asked to exit still gets what is sent to it.
     pub fn is_ready(&self, worker: WorkerId) -> bool {
-        self.link(worker).is_some_and(|l| l.ready && l.conn.is_some() && l.exit.is_none())
+        self.link(worker).is_some_and(|l| l.ready && l.conn.is_some() && l.exit.is_none() && !l.exit_requested)
     }
 
     /// The worker's process id.
@@ -219,6 +221,7 @@ impl Reactor {
             return Err(Error::WrongRole);
         }
         self.shutting_down = true;
+        self.shutdowns += 1;
         // Reset even if a callback panics out of the polls inside.
         let result = panic::catch_unwind(AssertUnwindSafe(|| self.shut_down(grace)));
         self.shutting_down = false;

@@ -40,6 +40,7 @@ mod master;
 mod ns;
 mod outgoing;
 mod remote;
+mod supervise;
 mod user;
 
 pub use broadcast::{Broadcast, Gathered};
@@ -48,6 +49,7 @@ pub use ns::Ns;
 pub use outgoing::Outgoing;
 pub(crate) use outgoing::{Completion, SendOptions, Target};
 pub use remote::{Remote, RemoteError, RemoteSendError, SendResponder, REMOTE_QUEUE};
+pub use supervise::{RestartPolicy, Supervisor, SupervisorEvent};
 pub use user::{Readiness, SourceKey, UserTimerKey};
 
 /// A stored handler: decodes its payload type, then runs the user's closure.
@@ -355,6 +357,8 @@ pub struct Reactor {
     more_events: bool,
     /// `shutdown` is running: no spawns.
     pub(crate) shutting_down: bool,
+    /// Shutdowns begun so far: work scheduled before one is not resumed after it.
+    pub(crate) shutdowns: u64,
     // Worker side.
     pub(crate) my_id: Option<WorkerId>,
     hello_sent: bool,
@@ -405,6 +409,7 @@ impl Reactor {
             fds_held: 0,
             more_events: false,
             shutting_down: false,
+            shutdowns: 0,
             my_id: None,
             hello_sent: false,
             announced: BTreeSet::new(),
