@@ -62,6 +62,9 @@ pub enum SupervisorEvent {
 }
 
 type Factory = Box<dyn FnMut() -> Command>;
+/// A rolling restart: the workers still to replace, and the one being
+/// replaced with its successor.
+type Rolling = (VecDeque<WorkerId>, Option<(WorkerId, WorkerId)>);
 type Observer = Box<dyn FnMut(&mut Reactor, &SupervisorEvent)>;
 
 struct State {
@@ -70,8 +73,7 @@ struct State {
     workers: Vec<WorkerId>,
     crashes: VecDeque<Instant>,
     gave_up: bool,
-    /// Workers to replace, and the one being replaced with its successor.
-    rolling: Option<(VecDeque<WorkerId>, Option<(WorkerId, WorkerId)>)>,
+    rolling: Option<Rolling>,
     /// How long an old worker of a rolling restart may take to exit.
     grace: Duration,
     observer: Option<Observer>,
