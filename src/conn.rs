@@ -124,6 +124,9 @@ pub(crate) struct Conn {
     /// fds ahead of their frames (one whose frame is still arriving, one
     /// that a read brought), however a big frame is split across writes.
     fds_in_transit: usize,
+    /// Fds of cancelled frames, by queue sequence, until their acks' outcomes
+    /// take them (at most one per queued fd).
+    returned: Vec<(u64, OwnedFd)>,
     /// A write failed for good (the peer is gone): later frames are dropped.
     write_failed: bool,
     /// A write hit EAGAIN; wait for the writable edge.
@@ -155,6 +158,7 @@ impl Conn {
             queued_fds: 0,
             fds_in_transit: 0,
             write_failed: false,
+            returned: Vec::new(),
             blocked: false,
             write_interest: false,
             wakeups_wanted: false,
@@ -198,6 +202,10 @@ impl Conn {
     /// What queueing `buf` and `tail` (with an ack if `acked`) would add to `queued_mem`.
     pub(crate) fn charge_of(buf: &Vec<u8>, tail: &Vec<u8>, acked: bool) -> usize {
         buf.capacity() + tail.capacity() + QUEUE_FRAME_OVERHEAD * (1 + usize::from(acked))
+    }
+
+    pub(crate) fn has_returned_fds(&self) -> bool {
+        !self.returned.is_empty()
     }
 
     pub(crate) fn queued_fds(&self) -> usize {
@@ -252,12 +260,31 @@ impl Conn {
         self.queued_mem -= f.charge() - f.overhead();
         drop(std::mem::take(&mut f.tail));
         let buf = std::mem::take(&mut f.buf);
-        if let Some(fd) = f.fd.take() {
+        let f_fd = f.fd.take();
+        if f_fd.is_some() {
             self.queued_fds -= 1;
-            drop(fd);
         }
         self.recycle(buf);
+        if let Some(fd) = f_fd {
+            // Kept for the ack's outcome, which hands it back (`take_fd`).
+            self.returned.push((self.front_qseq + idx as u64, fd));
+        }
         true
+    }
+
+    /// The fd of frame `qseq` if it never left: from a cancelled frame, or
+    /// taken off a queued one (whose link is going down).
+    pub(crate) fn take_fd(&mut self, qseq: u64) -> Option<OwnedFd> {
+        if let Some(i) = self.returned.iter().position(|(q, _)| *q == qseq) {
+            return Some(self.returned.swap_remove(i).1);
+        }
+        let idx = usize::try_from(qseq.checked_sub(self.front_qseq)?).ok()?;
+        if idx == 0 && self.front_written > 0 {
+            return None;
+        }
+        let fd = self.queue.get_mut(idx)?.fd.take()?;
+        self.queued_fds -= 1;
+        Some(fd)
     }
 
     /// Cancels the frames among the first `MAX_IOV` whose deadline has

@@ -438,7 +438,11 @@ impl Reactor {
         let Some(pending) = self.acks.try_remove(ack) else { return };
         self.timers.cancel(pending.timer);
         let done = pending.done;
+        // The message's fd, if it never left: for a completion that takes it
+        // (`ackd_fd`); closed here otherwise.
+        let outer = std::mem::replace(&mut self.fd_back, self.fds_back.remove(&ack));
         self.guarded(|r| done(r, outcome));
+        self.fd_back = outer;
     }
 
     pub(super) fn worker_event(&mut self, id: WorkerId, event: WorkerEvent) {
@@ -475,6 +479,9 @@ impl Reactor {
                         // fd already left with an earlier write: the peer pairs fds by order).
                         if let Some(conn) = link.conn.as_mut() {
                             conn.cancel(qseq);
+                            if let Some(fd) = conn.take_fd(qseq) {
+                                self.fds_back.insert(ack, fd);
+                            }
                         }
                         self.maybe_resume(link_id.index());
                     }

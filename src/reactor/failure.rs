@@ -86,7 +86,20 @@ impl Reactor {
     /// Takes a link's channel out of the poll set and drops it (closing every
     /// queued and received fd), keeping the count of held fds exact.
     pub(crate) fn close_conn(&mut self, key: usize) -> bool {
-        let Some(link) = self.links.get_mut(key) else { return false };
+        let Some(link) = self.links.get(key) else { return false };
+        let Some(conn) = link.conn.as_ref() else { return false };
+        // Fds of acked messages that never left go back with their outcomes.
+        if conn.queued_fds() > 0 || conn.has_returned_fds() {
+            let acked: Vec<(usize, u64)> =
+                link.pending.values().filter_map(|&ack| self.acks.get(ack).map(|p| (ack, p.qseq))).collect();
+            let conn = self.links[key].conn.as_mut().expect("checked");
+            for (ack, qseq) in acked {
+                if let Some(fd) = conn.take_fd(qseq) {
+                    self.fds_back.insert(ack, fd);
+                }
+            }
+        }
+        let link = &mut self.links[key];
         let Some(mut conn) = link.conn.take() else { return false };
         let _ = self.poll.registry().deregister(&mut conn.stream);
         self.fds_held -= link.fds_held;

@@ -359,6 +359,10 @@ pub struct Reactor {
     pub(crate) shutting_down: bool,
     /// Shutdowns begun so far: work scheduled before one is not resumed after it.
     pub(crate) shutdowns: u64,
+    /// Fds of acked messages that never left, by ack, until their outcome.
+    fds_back: HashMap<usize, OwnedFd>,
+    /// The fd of the outcome being delivered, for an `ackd_fd` completion.
+    pub(crate) fd_back: Option<OwnedFd>,
     // Worker side.
     pub(crate) my_id: Option<WorkerId>,
     hello_sent: bool,
@@ -410,6 +414,8 @@ impl Reactor {
             more_events: false,
             shutting_down: false,
             shutdowns: 0,
+            fds_back: HashMap::new(),
+            fd_back: None,
             my_id: None,
             hello_sent: false,
             announced: BTreeSet::new(),

@@ -114,6 +114,40 @@ impl<P: Payload> Outgoing<'_, P> {
         reactor.submit(target, ns, cmd, payload, fd, options, Some(done))
     }
 
+    /// As [`ackd`](Outgoing::ackd), and hands back the message's fd with a
+    /// failed outcome if it never left: the message timed out while queued,
+    /// or its worker went before it was written. A prefork master can pass
+    /// the connection to another worker instead of losing it.
+    ///
+    /// ```no_run
+    /// # use std::os::fd::OwnedFd;
+    /// # let mut reactor = clusterphone::Reactor::master()?;
+    /// # let (worker, conn): (clusterphone::WorkerId, OwnedFd) = todo!();
+    /// reactor.send_to(worker, "conn", &(), Some(conn)).ackd_fd(|reactor, outcome: Result<(), _>, fd| {
+    ///     if let (Err(_), Some(conn)) = (outcome, fd) {
+    ///         // Never reached that worker: hand it to another one.
+    ///         # let other: clusterphone::WorkerId = todo!();
+    ///         let _ = reactor.send_to(other, "conn", &(), Some(conn)).send();
+    ///     }
+    /// })?;
+    /// # Ok::<(), clusterphone::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`send`](Outgoing::send); `f` is then never called (the fd is in the error).
+    pub fn ackd_fd<R, F>(self, f: F) -> Result<(), SendError>
+    where
+        R: DeserializeOwned,
+        F: FnOnce(&mut Reactor, Result<R, AckError>, Option<OwnedFd>) + 'static,
+    {
+        let Outgoing { reactor, target, ns, cmd, payload, fd, options } = self;
+        let done: Completion = Box::new(move |r, o| {
+            let fd = r.fd_back.take();
+            f(r, decode_outcome(o), fd)
+        });
+        reactor.submit(target, ns, cmd, payload, fd, options, Some(done))
+    }
+
     /// Sends and returns a handle to check for the outcome later.
     ///
     /// # Errors
