@@ -126,7 +126,24 @@ fn master_main() -> Res<()> {
     );
 
     let rounds = b.opts.rounds;
-    if b.opts.shm {
+    if b.opts.threads {
+        for round in 0..rounds {
+            for imp in rotated(&[Impl::CpRemote, Impl::MpscWaker], round) {
+                eprintln!("  threads {} (round {})", imp.name(), round + 1);
+                b.threads(imp)?;
+            }
+        }
+    } else if b.opts.broadcast {
+        let extra = b.spawn_many(255)?;
+        for n in [1usize, 16, 256] {
+            for round in 0..rounds {
+                for imp in rotated(&[Impl::CpBroadcast, Impl::Sequential], round) {
+                    eprintln!("  gather to {n}: {} (round {})", imp.name(), round + 1);
+                    b.gather(imp, n, &extra)?;
+                }
+            }
+        }
+    } else if b.opts.shm {
         for round in 0..rounds {
             for imp in rotated(&[Impl::CpShm, Impl::CpSocket, Impl::Memcpy], round) {
                 eprintln!("  huge {} (round {})", imp.name(), round + 1);

@@ -43,6 +43,14 @@ pub(crate) enum Impl {
     CpShm,
     /// One memcpy of 16 MiB: the floor.
     Memcpy,
+    /// Sends from another thread through `Remote`.
+    CpRemote,
+    /// The same, hand-rolled: an mpsc channel and a mio `Waker`.
+    MpscWaker,
+    /// One broadcast, every outcome gathered.
+    CpBroadcast,
+    /// As many request/replies, one after the other.
+    Sequential,
 }
 
 impl Impl {
@@ -61,12 +69,24 @@ impl Impl {
             Impl::CpSocket => "clusterphone-socket",
             Impl::CpShm => "clusterphone-shm",
             Impl::Memcpy => "memcpy",
+            Impl::CpRemote => "clusterphone-remote",
+            Impl::MpscWaker => "mpsc-waker",
+            Impl::CpBroadcast => "clusterphone-broadcast",
+            Impl::Sequential => "sequential",
         }
     }
 
     pub(crate) fn raw_mode(self) -> Option<Mode> {
         match self {
-            Impl::Cp | Impl::CpBusy | Impl::CpSocket | Impl::CpShm | Impl::Memcpy => None,
+            Impl::Cp
+            | Impl::CpBusy
+            | Impl::CpSocket
+            | Impl::CpShm
+            | Impl::Memcpy
+            | Impl::CpRemote
+            | Impl::MpscWaker
+            | Impl::CpBroadcast
+            | Impl::Sequential => None,
             Impl::RawBlocking => Some(Mode::Blocking),
             Impl::RawMio => Some(Mode::Mio),
             Impl::RawMioLazy => Some(Mode::MioLazy),
@@ -102,6 +122,11 @@ pub(crate) struct Opts {
     pub(crate) busy: bool,
     /// `--shm`: the 16 MiB round trip, shared memory vs the socket vs one memcpy.
     pub(crate) shm: bool,
+    /// `--threads`: sends from another thread, `Remote` vs mpsc + a mio `Waker`.
+    pub(crate) threads: bool,
+    /// `--broadcast`: broadcast-and-gather to 1, 16 and 256 workers vs as many
+    /// sequential request/replies.
+    pub(crate) broadcast: bool,
     pub(crate) quick: bool,
     pub(crate) only: Option<Vec<String>>,
     pub(crate) impls: Option<Vec<String>>,
@@ -117,6 +142,8 @@ impl Opts {
             placement: Placement::Split,
             busy: false,
             shm: false,
+            threads: false,
+            broadcast: false,
             quick: false,
             only: None,
             impls: None,
@@ -143,6 +170,8 @@ impl Opts {
                 },
                 "--busy-poll" => o.busy = true,
                 "--shm" => o.shm = true,
+                "--threads" => o.threads = true,
+                "--broadcast" => o.broadcast = true,
                 // The worker inherits the variable.
                 "--lean" => std::env::set_var(WAKEUPS_VAR, "never"),
                 "--wakeups" => match value(&mut args).as_deref() {

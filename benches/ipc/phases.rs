@@ -380,6 +380,113 @@ impl Bench {
         Ok(())
     }
 
+    // (i) sends from another thread: through `Remote`, or hand-rolled with an
+    // mpsc channel and a mio `Waker` waking this thread, which sends them on.
+    pub(crate) fn threads(&mut self, imp: Impl) -> Res<()> {
+        let count: u64 = if self.opts.quick { 20_000 } else { 200_000 };
+        let w = self.w;
+        let before = self.r.stats().messages_sent;
+        let t = Instant::now();
+        match imp {
+            Impl::CpRemote => {
+                let remote = self.r.remote()?;
+                let sender = std::thread::spawn(move || {
+                    let p = payload();
+                    let mut n = 0;
+                    while n < count {
+                        match remote.send_to(w, "oneway", &p, None) {
+                            Ok(()) => n += 1,
+                            Err(_) => std::thread::yield_now(),
+                        }
+                    }
+                });
+                while self.r.stats().messages_sent - before < count {
+                    self.r.poll(Some(Duration::from_millis(1)))?;
+                }
+                sender.join().expect("sender");
+            }
+            _ => {
+                let mut outer = mio::Poll::new()?;
+                let waker = std::sync::Arc::new(mio::Waker::new(outer.registry(), mio::Token(1))?);
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Payload>(clusterphone::REMOTE_QUEUE);
+                let wk = waker.clone();
+                let sender = std::thread::spawn(move || {
+                    for _ in 0..count {
+                        if tx.send(payload()).is_err() {
+                            return;
+                        }
+                        let _ = wk.wake();
+                    }
+                });
+                let mut events = mio::Events::with_capacity(8);
+                let mut got = 0;
+                while got < count {
+                    outer.poll(&mut events, Some(Duration::from_millis(1)))?;
+                    let batch: Vec<Payload> = rx.try_iter().collect();
+                    got += batch.len() as u64;
+                    self.r.batch(|r| {
+                        for p in &batch {
+                            let _ = r.send_to(w, "oneway", p, None).send();
+                        }
+                    });
+                    self.r.poll(Some(Duration::ZERO))?;
+                }
+                sender.join().expect("sender");
+            }
+        }
+        let got: u64 = self.r.request(w, "count", &(), T)?;
+        assert_eq!(got, count, "the worker counted {got} of {count}");
+        self.fig(imp, "thread_msgs_per_s", count as f64 / t.elapsed().as_secs_f64(), count);
+        Ok(())
+    }
+
+    /// Starts `n` more workers and waits until they are all ready.
+    pub(crate) fn spawn_many(&mut self, n: usize) -> Res<Vec<WorkerId>> {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            ids.push(self.r.spawn(worker_command(&self.opts, false)?)?);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ids.iter().all(|&w| self.r.is_ready(w)) {
+            assert!(Instant::now() < deadline, "workers did not come up");
+            self.r.poll(Some(Duration::from_millis(5)))?;
+        }
+        Ok(ids)
+    }
+
+    // (j) one command to n workers: a broadcast gathering every outcome, or
+    // n request/replies one after the other.
+    pub(crate) fn gather(&mut self, imp: Impl, n: usize, extra: &[WorkerId]) -> Res<()> {
+        let targets: Vec<WorkerId> = std::iter::once(self.w).chain(extra.iter().copied()).take(n).collect();
+        let reps = if self.opts.quick { 3 } else { 20 };
+        let mut lat = Vec::with_capacity(reps);
+        let p = payload();
+        for _ in 0..reps {
+            let t = Instant::now();
+            match imp {
+                Impl::CpBroadcast => {
+                    let all: clusterphone::Gathered<u64> =
+                        self.r.broadcast("rtt", &p).to(targets.clone()).within(T).wait()?;
+                    assert!(all.iter().all(|(_, o)| o.is_ok()));
+                }
+                _ => {
+                    for &w in &targets {
+                        let _: u64 = self.r.request(w, "rtt", &p, T)?;
+                    }
+                }
+            }
+            lat.push(t.elapsed().as_nanos() as u64);
+        }
+        lat.sort_unstable();
+        let metric = match n {
+            1 => "gather_1_us",
+            16 => "gather_16_us",
+            _ => "gather_256_us",
+        };
+        self.fig(imp, metric, percentile(&lat, 50) / 1e3, reps as u64);
+        Ok(())
+    }
+
     // (e) fd passing: a fresh fd per message, closed by the sender after sending.
     pub(crate) fn fd(&mut self, imp: Impl) -> Res<()> {
         let (_read_end, write_end) = pipe()?;

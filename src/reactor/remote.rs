@@ -309,6 +309,8 @@ impl Reactor {
             let mut queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
             queue.drain(..).collect()
         };
+        // Written together, as a batch is: one `sendmsg` for many frames.
+        self.depth += 1;
         for command in commands {
             match command {
                 Command::Send { target, ns, cmd, payload, fd } => {
@@ -333,7 +335,11 @@ impl Reactor {
                 }
             }
         }
-        self.drain_outbox();
+        self.depth -= 1;
+        if self.depth == 0 {
+            self.drain_outbox();
+            self.flush_dirty();
+        }
     }
 
     /// Tells other threads' handles that nothing more will run.
