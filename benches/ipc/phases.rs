@@ -437,6 +437,82 @@ impl Bench {
         let got: u64 = self.r.request(w, "count", &(), T)?;
         assert_eq!(got, count, "the worker counted {got} of {count}");
         self.fig(imp, "thread_msgs_per_s", count as f64 / t.elapsed().as_secs_f64(), count);
+        self.thread_rtt(imp)
+    }
+
+    /// Latency: another thread sends `bounce` to the worker, which sends it
+    /// straight back; the reactor hands the answer to that thread. The return
+    /// path is the same for both; the way out is `Remote`, or mpsc + `Waker`.
+    fn thread_rtt(&mut self, imp: Impl) -> Res<()> {
+        let count: usize = if self.opts.quick { 300 } else { 3000 };
+        let w = self.w;
+        let (back_tx, back_rx) = std::sync::mpsc::channel::<u64>();
+        self.r.on("bounced", move |_r, m: Message<u64>| {
+            let _ = back_tx.send(m.payload);
+        })?;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lat = match imp {
+            Impl::CpRemote => {
+                let remote = self.r.remote()?;
+                let d = done.clone();
+                let thread = std::thread::spawn(move || {
+                    let mut lat = Vec::with_capacity(count);
+                    for n in 0..count as u64 {
+                        let t = Instant::now();
+                        remote.send_to(w, "bounce", &n, None).expect("queued");
+                        assert_eq!(back_rx.recv().expect("bounced"), n);
+                        lat.push(t.elapsed().as_nanos() as u64);
+                    }
+                    d.store(true, std::sync::atomic::Ordering::Release);
+                    lat
+                });
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    self.r.poll(Some(Duration::from_millis(1)))?;
+                }
+                thread.join().expect("thread")
+            }
+            _ => {
+                let mut outer = mio::Poll::new()?;
+                let waker = std::sync::Arc::new(mio::Waker::new(outer.registry(), mio::Token(1))?);
+                let reactor_fd = std::os::fd::AsRawFd::as_raw_fd(&self.r);
+                outer.registry().register(
+                    &mut mio::unix::SourceFd(&reactor_fd),
+                    mio::Token(2),
+                    mio::Interest::READABLE,
+                )?;
+                let (tx, rx) = std::sync::mpsc::channel::<u64>();
+                let d = done.clone();
+                let thread = std::thread::spawn(move || {
+                    let mut lat = Vec::with_capacity(count);
+                    for n in 0..count as u64 {
+                        let t = Instant::now();
+                        tx.send(n).expect("sent");
+                        let _ = waker.wake();
+                        assert_eq!(back_rx.recv().expect("bounced"), n);
+                        lat.push(t.elapsed().as_nanos() as u64);
+                    }
+                    d.store(true, std::sync::atomic::Ordering::Release);
+                    lat
+                });
+                let mut events = mio::Events::with_capacity(8);
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    let wait = self.r.next_deadline().map(|d| d.saturating_duration_since(Instant::now()));
+                    outer.poll(
+                        &mut events,
+                        Some(wait.unwrap_or(Duration::from_millis(1)).min(Duration::from_millis(1))),
+                    )?;
+                    for n in rx.try_iter() {
+                        self.r.send_to(w, "bounce", &n, None).send()?;
+                    }
+                    self.r.poll(Some(Duration::ZERO))?;
+                }
+                thread.join().expect("thread")
+            }
+        };
+        self.r.off("bounced");
+        let mut lat = lat;
+        lat.sort_unstable();
+        self.fig(imp, "thread_rtt_p50_us", percentile(&lat, 50) / 1e3, count as u64);
         Ok(())
     }
 

@@ -25,6 +25,7 @@ const METRICS: &[(&str, &str, bool)] = &[
     ("mem_per_pending_ack_bytes", "bytes", true),
     ("huge_rtt_p50_ms", "ms", true),
     ("thread_msgs_per_s", "msg/s", false),
+    ("thread_rtt_p50_us", "us", true),
     ("gather_1_us", "us", true),
     ("gather_16_us", "us", true),
     ("gather_256_us", "us", true),

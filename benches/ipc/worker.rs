@@ -61,6 +61,10 @@ pub(crate) fn worker_main() -> Result<(), Error> {
         let back = shm.to_fd().expect("dup");
         r.send_to_master("huge_back", &(), Some(back)).send().expect("send back");
     })?;
+    // A message from another thread of the master, sent straight back.
+    r.on("bounce", |r, m: Message<u64>| {
+        let _ = r.send_to_master("bounced", &m.payload, None).send();
+    })?;
     r.on("rtt", |_r, m: Message<Payload>| {
         let _ = m.reply.ok(&m.payload.n);
     })?;
