@@ -303,6 +303,12 @@ impl Conn {
     /// Drops every queued frame (closing their fds): the peer can no longer
     /// read them. Frames queued later are dropped the same way at their flush.
     pub(crate) fn discard_queue(&mut self) {
+        // Fds that never left stay for their acks' outcomes (`take_fd`).
+        for (i, f) in self.queue.iter_mut().enumerate() {
+            if let Some(fd) = f.fd.take() {
+                self.returned.push((self.front_qseq + i as u64, fd));
+            }
+        }
         // Queue sequences stay unique: a pending ack must never cancel a later frame.
         self.front_qseq += self.queue.len() as u64;
         self.queue.clear();

@@ -332,6 +332,8 @@ pub struct Reactor {
     worker_hook: Option<WorkerHook>,
     unhandled_hook: Option<UnhandledHook>,
     user: user::UserSources,
+    /// User sources' events of the last poll: (slot, generation, readiness).
+    user_ready: Vec<(usize, u64, Readiness)>,
     /// The queue of the handle for other threads, once one was made.
     remote: Option<std::sync::Arc<remote::Shared>>,
     worker_listeners: Listeners<WorkerHook>,
@@ -398,6 +400,7 @@ impl Reactor {
             worker_hook: None,
             unhandled_hook: None,
             user: user::UserSources::default(),
+            user_ready: Vec::new(),
             remote: None,
             worker_listeners: Listeners::new(ListenerKind::Worker),
             unhandled_listeners: Listeners::new(ListenerKind::Unhandled),
@@ -643,6 +646,14 @@ impl Reactor {
             let closed = ev.is_read_closed() || ev.is_error();
             let readable = ev.is_readable() || closed;
             let writable = ev.is_writable() || ev.is_write_closed();
+            if let Source::User(slot) = source {
+                // With the source's generation now: a callback may remove it
+                // and another take its slot before this event is delivered.
+                if let Some(generation) = self.user_generation(slot) {
+                    self.user_ready.push((slot, generation, Readiness { readable, writable, closed }));
+                }
+                continue;
+            }
             self.ready_events.push((source, readable, writable, closed));
         }
         if timer {
@@ -658,10 +669,6 @@ impl Reactor {
             }
         }
         for &(source, readable, writable, closed) in &events {
-            if let Source::User(key) = source {
-                self.user_event(key, Readiness { readable, writable, closed });
-                continue;
-            }
             if source == Source::Waker {
                 self.run_remote();
                 continue;
@@ -683,6 +690,12 @@ impl Reactor {
             }
         }
         self.ready_events = events;
+        let user_ready = std::mem::take(&mut self.user_ready);
+        for &(slot, generation, ready) in &user_ready {
+            self.user_event(slot, generation, ready);
+        }
+        self.user_ready = user_ready;
+        self.user_ready.clear();
         for key in backlog {
             if !self.backlog.contains(&key) {
                 self.read_link(key, false, false);

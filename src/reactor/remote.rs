@@ -49,6 +49,10 @@ impl Shared {
             return Err((RemoteError::Closed, command));
         }
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        // Again under the lock: the reactor clears the queue under it when it goes.
+        if self.closed.load(Ordering::Acquire) {
+            return Err((RemoteError::Closed, command));
+        }
         if queue.len() >= REMOTE_QUEUE {
             return Err((RemoteError::Full, command));
         }
@@ -345,8 +349,9 @@ impl Reactor {
     /// Tells other threads' handles that nothing more will run.
     pub(super) fn close_remote(&mut self) {
         if let Some(shared) = &self.remote {
+            let mut queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
             shared.closed.store(true, Ordering::Release);
-            shared.queue.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            queue.clear();
         }
     }
 }

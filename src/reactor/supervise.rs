@@ -59,6 +59,9 @@ pub enum SupervisorEvent {
     SpawnFailed(String),
     /// A rolling restart replaced every worker.
     RestartDone,
+    /// A rolling restart stopped before the end: a shutdown began, or the
+    /// supervisor gave up on successors that kept crashing.
+    RestartAborted,
 }
 
 type Factory = Box<dyn FnMut() -> Command>;
@@ -77,6 +80,10 @@ struct State {
     /// How long an old worker of a rolling restart may take to exit.
     grace: Duration,
     observer: Option<Observer>,
+    /// Events raised while the observer runs, told once it returns.
+    told_later: Vec<SupervisorEvent>,
+    /// The observer is running (taken out of `observer`).
+    observing: bool,
     stopped: bool,
 }
 
@@ -133,6 +140,8 @@ impl Reactor {
             rolling: None,
             grace: Duration::from_secs(5),
             observer: None,
+            told_later: Vec::new(),
+            observing: false,
             stopped: false,
         }));
         let s = state.clone();
@@ -163,15 +172,22 @@ impl Supervisor {
 
     /// Replaces every worker, one at a time: each new one is ready before the
     /// old one is asked to exit (with `grace` before it is killed), so the
-    /// pool never shrinks. [`SupervisorEvent::RestartDone`] when done.
-    pub fn rolling_restart(&self, reactor: &mut Reactor, grace: Duration) {
-        let old: VecDeque<WorkerId> = self.state.borrow().workers.iter().copied().collect();
+    /// pool never shrinks. A successor that crashes, or is not ready within
+    /// `grace` (10 s at least), is replaced with the usual backoff.
+    /// [`SupervisorEvent::RestartDone`] when done. Returns false, doing
+    /// nothing, while a restart is already running.
+    pub fn rolling_restart(&self, reactor: &mut Reactor, grace: Duration) -> bool {
         {
             let mut st = self.state.borrow_mut();
+            if st.rolling.is_some() {
+                return false;
+            }
+            let old: VecDeque<WorkerId> = st.workers.iter().copied().collect();
             st.rolling = Some((old, None));
             st.grace = grace;
         }
         next_replacement(reactor, &self.state);
+        true
     }
 
     /// Stops supervising: no more respawns; the workers stay.
@@ -183,17 +199,38 @@ impl Supervisor {
 
 fn tell(r: &mut Reactor, state: &Rc<RefCell<State>>, event: SupervisorEvent) {
     let observer = state.borrow_mut().observer.take();
-    if let Some(mut observer) = observer {
-        observer(r, &event);
-        let mut s = state.borrow_mut();
-        if s.observer.is_none() {
-            s.observer = Some(observer);
+    let Some(mut observer) = observer else {
+        // The observer is running (this comes from inside it): after it.
+        let mut st = state.borrow_mut();
+        if st.observing && st.told_later.len() < 1024 {
+            st.told_later.push(event);
         }
+        return;
+    };
+    state.borrow_mut().observing = true;
+    observer(r, &event);
+    loop {
+        let later = std::mem::take(&mut state.borrow_mut().told_later);
+        if later.is_empty() {
+            break;
+        }
+        for event in &later {
+            observer(r, event);
+        }
+    }
+    let mut s = state.borrow_mut();
+    s.observing = false;
+    if s.observer.is_none() {
+        s.observer = Some(observer);
     }
 }
 
 fn spawn_one(r: &mut Reactor, state: &Rc<RefCell<State>>) -> Result<WorkerId, Error> {
-    let command = (state.borrow_mut().factory)();
+    // Out of the state while it runs: a factory may use the supervisor.
+    let mut factory: Factory =
+        std::mem::replace(&mut state.borrow_mut().factory, Box::new(|| Command::new("/nonexistent")));
+    let command = factory();
+    state.borrow_mut().factory = factory;
     let id = r.spawn(command)?;
     state.borrow_mut().workers.push(id);
     tell(r, state, SupervisorEvent::Spawned(id));
@@ -270,6 +307,27 @@ fn on_worker_event(r: &mut Reactor, state: &Rc<RefCell<State>>, id: WorkerId, ev
         }
         WorkerEvent::Exited(exit) => {
             state.borrow_mut().workers.retain(|&w| w != id);
+            let successor_of = match state.borrow().rolling {
+                Some((_, Some((old, new)))) if new == id => Some(old),
+                _ => None,
+            };
+            if let Some(old) = successor_of {
+                // The successor died before taking over: another one, after
+                // the backoff, for the same old worker.
+                if let Some((queue, cur)) = state.borrow_mut().rolling.as_mut() {
+                    queue.push_front(old);
+                    *cur = None;
+                }
+                match note_crash(r, state) {
+                    Some(after) if !r.shutting_down => {
+                        tell(r, state, SupervisorEvent::Crashed { worker: id, exit: *exit, after });
+                        let s = state.clone();
+                        r.add_timer(after, None, move |r| next_replacement(r, &s));
+                    }
+                    _ => abort_restart(r, state),
+                }
+                return;
+            }
             let replaced = matches!(state.borrow().rolling, Some((_, Some((old, _)))) if old == id);
             if replaced {
                 if let Some((_, cur)) = state.borrow_mut().rolling.as_mut() {
@@ -294,8 +352,19 @@ fn on_worker_event(r: &mut Reactor, state: &Rc<RefCell<State>>, id: WorkerId, ev
     }
 }
 
+/// Ends a rolling restart before its end, and says so.
+fn abort_restart(r: &mut Reactor, state: &Rc<RefCell<State>>) {
+    if state.borrow_mut().rolling.take().is_some() {
+        tell(r, state, SupervisorEvent::RestartAborted);
+    }
+}
+
 /// Starts the successor of the next old worker, or finishes the restart.
 fn next_replacement(r: &mut Reactor, state: &Rc<RefCell<State>>) {
+    if r.shutting_down || state.borrow().stopped || state.borrow().gave_up {
+        abort_restart(r, state);
+        return;
+    }
     loop {
         let next = {
             let mut st = state.borrow_mut();
@@ -315,6 +384,15 @@ fn next_replacement(r: &mut Reactor, state: &Rc<RefCell<State>>) {
                 if let Some((_, cur)) = state.borrow_mut().rolling.as_mut() {
                     *cur = Some((old, new));
                 }
+                // Not ready in time: killed, so replaced as a crash would be.
+                let wait = state.borrow().grace.max(Duration::from_secs(10));
+                let s = state.clone();
+                r.add_timer(wait, None, move |r| {
+                    let still_waiting = matches!(s.borrow().rolling, Some((_, Some((_, n)))) if n == new);
+                    if still_waiting && !r.is_ready(new) {
+                        let _ = r.kill(new);
+                    }
+                });
                 return;
             }
             Err(e) => {

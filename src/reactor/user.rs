@@ -128,9 +128,13 @@ impl Reactor {
         source.downcast::<S>().ok().map(|b| *b)
     }
 
-    pub(super) fn user_event(&mut self, slot: usize, ready: Readiness) {
-        let Some(entry) = self.user.sources.get_mut(slot) else { return };
-        let generation = entry.generation;
+    pub(super) fn user_generation(&self, slot: usize) -> Option<u64> {
+        self.user.sources.get(slot).map(|s| s.generation)
+    }
+
+    /// Delivers an event to the source it was for (not to one that took its slot since).
+    pub(super) fn user_event(&mut self, slot: usize, generation: u64, ready: Readiness) {
+        let Some(entry) = self.user.sources.get_mut(slot).filter(|e| e.generation == generation) else { return };
         let Some((mut source, mut callback)) = entry.parts.take() else { return };
         self.guarded(|r| callback(r, source.as_mut(), ready));
         // Back in its slot, unless it was removed meanwhile (then both drop here).
