@@ -28,9 +28,10 @@ const MAX_GATHER: usize = 1 << 20;
 /// Queue entries kept allocated once the queue drains.
 const QUEUE_KEEP: usize = 64;
 /// Recycled frame buffers kept per connection, and the largest kept (at
-/// most 256 KiB per connection: small frames are the ones worth recycling).
-const POOL_MAX: usize = 16;
-const POOL_BUF_MAX: usize = 16 * 1024;
+/// most 256 KiB per connection: small frames are the ones worth recycling,
+/// and a burst of 64 of them then allocates nothing).
+const POOL_MAX: usize = 64;
+const POOL_BUF_MAX: usize = 4 * 1024;
 
 #[derive(Debug)]
 struct OutFrame {
