@@ -72,11 +72,6 @@ fn worker() -> Result<(), Error> {
         std::thread::sleep(Duration::from_millis(2));
         let _ = msg.reply.ok(&(u64::from(job) * u64::from(job)));
     })?;
-    loop {
-        match reactor.poll(None) {
-            Ok(()) => {}
-            Err(Error::ExitRequested) | Err(Error::Disconnected) => return Ok(()),
-            Err(e) => return Err(e),
-        }
-    }
+    reactor.run(Duration::from_secs(1))?;
+    Ok(())
 }

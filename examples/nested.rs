@@ -104,11 +104,6 @@ fn worker() -> Result<(), Error> {
     reactor.on("ping", |r, msg: Message<u64>| {
         let _ = r.send_to_master("pong", &msg.payload, None).send();
     })?;
-    loop {
-        match reactor.poll(None) {
-            Ok(()) => {}
-            Err(Error::ExitRequested) | Err(Error::Disconnected) => return Ok(()),
-            Err(e) => return Err(e),
-        }
-    }
+    reactor.run(Duration::from_secs(1))?;
+    Ok(())
 }

@@ -44,11 +44,6 @@ fn worker() -> Result<(), Error> {
             let _ = msg.reply.ok(&format!("running {current}"));
         }
     })?;
-    loop {
-        match reactor.poll(None) {
-            Ok(()) => {}
-            Err(Error::ExitRequested) | Err(Error::Disconnected) => return Ok(()),
-            Err(e) => return Err(e),
-        }
-    }
+    reactor.run(Duration::from_secs(1))?;
+    Ok(())
 }

@@ -63,16 +63,7 @@ fn worker() -> Result<(), Error> {
     reactor.on("work", |_r, msg: Message<u64>| {
         let _ = msg.reply.ok(&(msg.payload + 1));
     })?;
-    loop {
-        match reactor.poll(None) {
-            Ok(()) => {}
-            Err(Error::ExitRequested) => {
-                // Finish what was asked before the request to exit, then go.
-                let _ = reactor.flush(Duration::from_secs(2));
-                return Ok(());
-            }
-            Err(Error::Disconnected) => return Ok(()),
-            Err(e) => return Err(e),
-        }
-    }
+    // Until asked to exit (then what was asked before is answered first).
+    reactor.run(Duration::from_secs(2))?;
+    Ok(())
 }

@@ -47,11 +47,6 @@ fn worker() -> Result<(), Error> {
     reactor.on("slow-square", move |_r, msg: Message<u64>| {
         let _ = tx.send((msg.reply.detach(&remote), msg.payload));
     })?;
-    loop {
-        match reactor.poll(None) {
-            Ok(()) => {}
-            Err(Error::ExitRequested) | Err(Error::Disconnected) => return Ok(()),
-            Err(e) => return Err(e),
-        }
-    }
+    reactor.run(Duration::from_secs(1))?;
+    Ok(())
 }

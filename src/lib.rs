@@ -37,8 +37,8 @@ pub use payload::Payload;
 pub use raw::RawPayload;
 pub use reactor::{
     Broadcast, DisconnectReason, Gathered, Ns, Outgoing, Reactor, Readiness, Remote, RemoteError, RemoteSendError,
-    RestartPolicy, SendResponder, SourceKey, Supervisor, SupervisorEvent, Unhandled, UserTimerKey, WorkerEvent,
-    REMOTE_QUEUE,
+    RestartPolicy, SendResponder, SourceKey, Supervisor, SupervisorEvent, Unhandled, UserTimerKey, WorkerEnd,
+    WorkerEvent, REMOTE_QUEUE,
 };
 pub use shm::{SharedMemory, SharedMemoryMut};
 pub use spawn::{is_worker, PairedWorker, WorkerPipes, ENV_FD, ENV_ID};

@@ -80,7 +80,7 @@ impl fmt::Debug for SharedMemoryMut {
 ///         let image = SharedMemory::from_fd(msg.fd.take().expect("an fd"), 64 << 20).expect("sealed");
 ///         let _ = msg.reply.ok(&image.iter().map(|&b| b as u64).sum::<u64>());
 ///     })?;
-///     while reactor.poll(None).is_ok() {}
+///     reactor.run(std::time::Duration::from_secs(1))?;
 ///     Ok(0)
 /// });
 /// // An fd goes only to a worker that said hello.

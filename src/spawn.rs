@@ -129,7 +129,7 @@ impl Reactor {
     /// reactor.on("ping", |_r, msg: clusterphone::Message<u32>| {
     ///     let _ = msg.reply.ok(&(msg.payload + 1));
     /// })?;
-    /// while reactor.poll(None).is_ok() {}
+    /// reactor.run(std::time::Duration::from_secs(1))?; // until asked to exit or the master goes
     /// # Ok::<(), clusterphone::Error>(())
     /// ```
     ///
@@ -189,7 +189,7 @@ impl Reactor {
     ///     reactor.on("double", |_r, msg: Message<u64>| {
     ///         let _ = msg.reply.ok(&(msg.payload * 2));
     ///     })?;
-    ///     while reactor.poll(None).is_ok() {}
+    ///     reactor.run(Duration::from_secs(1))?;
     ///     Ok(())
     /// });
     /// let answer: u64 = master.request(worker, "double", &21u64, Duration::from_secs(5))?;

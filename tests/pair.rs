@@ -68,3 +68,24 @@ fn a_paired_worker_on_a_thread_talks_both_ways_with_fds() {
     assert!(matches!(outcome, Err(AckError::NoHandler) | Err(AckError::Disconnected)), "{outcome:?}");
     assert!(master.kill(worker).is_err(), "no process to kill");
 }
+
+#[test]
+fn a_workers_run_tells_its_two_normal_ends_apart() {
+    let _d = util::deadline(Duration::from_secs(30));
+    // Asked to exit.
+    let (mut master, worker, end) = Reactor::pair().unwrap();
+    let thread = std::thread::spawn(move || end.attach().unwrap().run(Duration::from_secs(1)));
+    util::poll_until(&mut master, LIMIT, |r| r.is_ready(worker));
+    master.request_exit(worker, LIMIT).unwrap();
+    util::poll_until(&mut master, LIMIT, |r| r.workers().is_empty());
+    assert!(matches!(thread.join().unwrap(), Ok(clusterphone::WorkerEnd::ExitRequested)));
+    // The master goes.
+    let (mut master, worker, end) = Reactor::pair().unwrap();
+    let thread = std::thread::spawn(move || end.attach().unwrap().run(Duration::from_secs(1)));
+    util::poll_until(&mut master, LIMIT, |r| r.is_ready(worker));
+    drop(master);
+    assert!(matches!(thread.join().unwrap(), Ok(clusterphone::WorkerEnd::MasterGone)));
+    // Not for a master.
+    let (mut master, _worker, _end) = Reactor::pair().unwrap();
+    assert!(matches!(master.run(Duration::ZERO), Err(clusterphone::Error::WrongRole)));
+}

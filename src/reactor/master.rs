@@ -47,6 +47,48 @@ impl Reactor {
         }
     }
 
+    /// A worker's main loop: polls until the master asks this worker to
+    /// exit or goes away — the two normal ends, told apart in the `Ok` — and
+    /// then writes what is still queued (for at most `linger`). A failure
+    /// (a protocol error, a version mismatch, an I/O error) is the `Err`, so
+    /// it cannot pass for a normal end.
+    ///
+    /// ```no_run
+    /// use clusterphone::{Message, Reactor, WorkerEnd};
+    /// let mut reactor = Reactor::attach()?;
+    /// reactor.on("ping", |_r, msg: Message<u32>| {
+    ///     let _ = msg.reply.ok(&(msg.payload + 1));
+    /// })?;
+    /// match reactor.run(std::time::Duration::from_secs(1))? {
+    ///     WorkerEnd::ExitRequested => println!("asked to exit"),
+    ///     WorkerEnd::MasterGone => println!("the master went away"),
+    /// }
+    /// # Ok::<(), clusterphone::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::WrongRole`] on a master; any failure of `poll`.
+    ///
+    /// # Panics
+    /// Resumes a panic of a handler or callback.
+    pub fn run(&mut self, linger: Duration) -> Result<WorkerEnd, Error> {
+        if self.role != Role::Worker {
+            return Err(Error::WrongRole);
+        }
+        let end = loop {
+            match self.poll(None) {
+                Ok(()) => {}
+                Err(Error::ExitRequested) => break WorkerEnd::ExitRequested,
+                Err(Error::Disconnected) => return Ok(WorkerEnd::MasterGone),
+                Err(e) => return Err(e),
+            }
+        };
+        match self.flush(linger) {
+            Ok(()) | Err(Error::FlushTimeout) | Err(Error::Disconnected) => Ok(end),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Counters since this reactor was made.
     pub fn stats(&self) -> Stats {
         self.stats

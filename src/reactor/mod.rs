@@ -122,6 +122,16 @@ pub enum WorkerEvent {
     Exited(Exit),
 }
 
+/// How a worker's [`Reactor::run`] ended, when nothing failed: the only two
+/// normal ends a worker has (so matching on it needs no catch-all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerEnd {
+    /// The master asked this worker to exit (`request_exit`, `shutdown`).
+    ExitRequested,
+    /// The master closed the channel, or its process ended.
+    MasterGone,
+}
+
 /// Why a channel closed.
 #[derive(Debug)]
 #[non_exhaustive]
